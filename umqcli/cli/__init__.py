@@ -1,0 +1,16 @@
+"""The ``umq`` command line. Each command lives in its own module and registers itself
+on the shared Typer ``app``; this package only wires them together."""
+
+from __future__ import annotations
+
+from ._common import app
+
+# Importing a command module registers its command on ``app``.
+from . import info  # noqa: F401,E402
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

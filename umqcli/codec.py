@@ -1,0 +1,491 @@
+"""The torch reference codec: one 2-D tensor <-> its UMQ v1 representation.
+
+Pure functions on tensors (no files, no printing): choose the hi positions, derive the
+block scales, encode lo and hi values and interleave each group's bytes; and the
+inverse. This is the one truth that the CUDA kernels, the CLI and the tests are measured
+against. Everything is vectorised over rows and groups.
+
+Shapes used throughout, for a source ``[R, C]`` with ``G = C / 8`` groups per row:
+``mask`` bool ``[R, C]`` (True = hi), ``scale`` float32 ``[R, C / block]``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UMQError
+from .format import (
+    DATA_SUFFIX,
+    GROUP,
+    MASK_SUFFIX,
+    SCALE_SUFFIX,
+    HiFormat,
+    LoFormat,
+    QuantParams,
+    Selection,
+    TensorSpec,
+    dtype_name,
+)
+
+_POSITIONS = torch.arange(GROUP, dtype=torch.int64)
+_BIT_VALUES = (1 << _POSITIONS).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- packed type
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """One quantized tensor as stored (FORMAT §2).
+
+    - ``data``: uint8 ``[R, G * (8 + k)]``, each group's payload bytes in position order.
+    - ``mask``: uint8 ``[R, G]``, bit i set <=> position i is hi.
+    - ``scale``: float32 ``[R, C / block]``, the lo scale of each block.
+    - ``spec``: the ``umq.tensors`` entry (shape, dtypes, k, block, crc32, ...).
+    """
+
+    data: torch.Tensor
+    mask: torch.Tensor
+    scale: torch.Tensor
+    spec: TensorSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spec.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.stored_bytes
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.spec.bits_per_element
+
+    def stored_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The three tensors under their file names (``NAME.umq_data`` ...)."""
+        return {
+            name + DATA_SUFFIX: self.data,
+            name + MASK_SUFFIX: self.mask,
+            name + SCALE_SUFFIX: self.scale,
+        }
+
+    @classmethod
+    def from_stored(
+        cls, spec: TensorSpec, data: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor
+    ) -> "PackedTensor":
+        return cls(data=data, mask=mask, scale=scale, spec=spec)
+
+    def validate(self, *, name: str | None = None, check_crc: bool = True) -> None:
+        """Check every FORMAT §7 rule; raise :class:`UMQError` naming tensor and rule."""
+        validate(self, name=name, check_crc=check_crc)
+
+
+def crc32(tensor: torch.Tensor) -> int:
+    """zlib CRC-32 of a tensor's raw little-endian bytes."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return zlib.crc32(flat.numpy())
+
+
+def mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[R, C]`` -> uint8 ``[R, C/8]`` mask bytes (bit i = position i, LSB first)."""
+    rows, cols = mask.shape
+    groups = mask.view(rows, cols // GROUP, GROUP).to(torch.uint8)
+    return (groups * _BIT_VALUES).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(mask_bytes: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[R, G]`` mask bytes -> bool ``[R, G * 8]``."""
+    rows, groups = mask_bytes.shape
+    bits = (mask_bytes.unsqueeze(-1) & _BIT_VALUES.to(mask_bytes.device)) != 0
+    return bits.view(rows, groups * GROUP)
+
+
+POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+def encode_lo(x: torch.Tensor, lo: LoFormat) -> torch.Tensor:
+    """float32 values already divided by the scale -> uint8 bytes of the lo encoding.
+
+    Clamps to ``[-MAX, MAX]`` first (FORMAT §4: libraries disagree on out-of-range casts),
+    then rounds to nearest even (torch's fp8 casts; ``torch.round`` for int8).
+    """
+    limit = lo.max_value
+    x = x.clamp(-limit, limit)
+    if lo is LoFormat.INT8:
+        return torch.round(x).to(torch.int8).view(torch.uint8)
+    return x.to(lo.torch_dtype).view(torch.uint8)
+
+
+def decode_lo(q: torch.Tensor, lo: LoFormat) -> torch.Tensor:
+    """uint8 bytes of the lo encoding -> float32 (unscaled)."""
+    return q.view(lo.torch_dtype).to(torch.float32)
+
+
+def encode_hi(x: torch.Tensor, hi: HiFormat) -> torch.Tensor:
+    """Values -> int16 bit patterns of the hi dtype (round to nearest even)."""
+    return x.to(hi.torch_dtype).view(torch.int16)
+
+
+def decode_hi(bits: torch.Tensor, hi: HiFormat) -> torch.Tensor:
+    """int16 bit patterns of the hi dtype -> values in the hi dtype."""
+    return bits.view(hi.torch_dtype)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_magnitude(weight: torch.Tensor, k: int, salience: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[R, C]``: in each group the k largest ``|w|`` (or ``salience``) are hi.
+
+    Ties go to the lower position: each value is made unique by appending ``7 - i`` below
+    its bits (non-negative float32 order equals int32 bit-pattern order), so the rank of
+    every element is well defined and no tie-breaking depends on a sort's stability.
+    """
+    rows, cols = weight.shape
+    if k == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+    if k == GROUP:
+        return torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    magnitude = weight.float().abs() if salience is None else salience.float()
+    # Clearing the sign also maps -0.0 to +0.0, so signed zeros tie as they should.
+    bits = magnitude.view(torch.int32).bitwise_and(0x7FFFFFFF).to(torch.int64)
+    positions = _POSITIONS.to(weight.device)
+    keys = ((bits.view(rows, cols // GROUP, GROUP) << 3) | (GROUP - 1 - positions))
+    # The k-th largest key of each group is the threshold; keys are unique within a group.
+    kth = keys.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return (keys >= kth).view(rows, cols)
+
+
+def block_scales(weight32: torch.Tensor, mask: torch.Tensor, block: int, lo: LoFormat) -> torch.Tensor:
+    """float32 ``[R, C/block]``: absmax over each block's lo elements / MAX (FORMAT §4)."""
+    rows, cols = weight32.shape
+    lo_abs = weight32.abs().masked_fill_(mask, 0.0)
+    amax = lo_abs.view(rows, cols // block, block).amax(-1)
+    return amax / lo.max_value  # float32 / exact float32 constant: IEEE division
+
+
+def quantize_lo(weight32: torch.Tensor, scale: torch.Tensor, block: int, lo: LoFormat) -> torch.Tensor:
+    """uint8 ``[R, C]``: every element encoded as lo under its block's scale (0 if scale 0)."""
+    rows, cols = weight32.shape
+    expanded = scale.repeat_interleave(block, dim=1) if scale.shape[1] != cols else scale
+    scaled = weight32 / expanded
+    scaled = scaled.masked_fill_(expanded == 0, 0.0)
+    return encode_lo(scaled, lo)
+
+
+def lo_error(weight32: torch.Tensor, scale: torch.Tensor, block: int, lo: LoFormat) -> torch.Tensor:
+    """float32 ``[R, C]``: ``w - decode(encode(w / s)) * s`` for every element."""
+    q = quantize_lo(weight32, scale, block, lo)
+    return weight32 - decode_lo(q, lo) * scale.repeat_interleave(block, dim=1)
+
+
+def select_error(
+    weight32: torch.Tensor,
+    k: int,
+    block: int,
+    lo: LoFormat,
+    hi: HiFormat,
+    channel_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """bool ``[R, C]``: error-greedy selection, never worse than magnitude per block.
+
+    The rule, exactly:
+
+    1. Start from the magnitude selection ``M0`` and its absmax scales ``s0``.
+    2. Under ``s0``, every element's gain from going hi is
+       ``a_j * (e_lo^2 - e_hi^2)``: its squared lo error minus its squared hi rounding
+       error, weighted by ``a_j`` (the activation second moment E[x_j^2] of input column
+       j for ``activation``, 1 for ``error``). Elements beyond the lo range under ``s0``
+       are clamped, so large outliers keep a large gain.
+    3. ``M1``: in each group the k largest gains (ties toward the lower position).
+    4. Re-derive absmax scales for ``M1``; then per scale block keep whichever of ``M0``
+       and ``M1`` has the lower weighted squared error ``sum_j a_j (w_j - w_hat_j)^2``
+       (``M0`` on ties).
+
+    Step 4 works per block because blocks share no scale and no group, so the total
+    weighted error is never above that of the magnitude selection (and of the
+    activation-salience selection ``|w_j| sqrt(a_j)`` that seeds ``activation``).
+    """
+    rows, cols = weight32.shape
+    if k in (0, GROUP):
+        return select_magnitude(weight32, k)
+    weights = None if channel_weight is None else channel_weight.float().to(weight32.device).expand(rows, cols)
+    salience = None if weights is None else weight32.abs() * weights.sqrt()
+    base = select_magnitude(weight32, k, salience)
+    hi_err = weight32 - weight32.to(hi.torch_dtype).float()
+    lo_err = lo_error(weight32, block_scales(weight32, base, block, lo), block, lo)
+    gain = lo_err.square() - hi_err.square()
+    if weights is not None:
+        gain = gain * weights
+    # Gains may be negative (hi rounding worse than lo): shift so the order is kept.
+    candidate = select_magnitude(weight32, k, gain - gain.amin())
+
+    def blockwise_error(mask: torch.Tensor) -> torch.Tensor:
+        scale = block_scales(weight32, mask, block, lo)
+        err = torch.where(mask, hi_err, lo_error(weight32, scale, block, lo)).square()
+        if weights is not None:
+            err = err * weights
+        return err.view(rows, cols // block, block).sum(-1)
+
+    better = blockwise_error(candidate) < blockwise_error(base)
+    use_candidate = better.repeat_interleave(block, dim=1)
+    return torch.where(use_candidate, candidate, base)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def _check_source(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise UMQError(f"expected a 2-D tensor, got shape {tuple(weight.shape)}", rule="shape")
+    dtype_name(weight.dtype)
+    rows, cols = weight.shape
+    if rows == 0 or cols == 0 or cols % GROUP:
+        raise UMQError(
+            f"shape {tuple(weight.shape)}: the column count must be a positive multiple of 8",
+            rule="shape",
+        )
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise UMQError(
+            f"value {weight[bad[0], bad[1]].item()} at [{bad[0]}, {bad[1]}] is not finite",
+            rule="finite",
+        )
+
+
+def resolve_hi(weight: torch.Tensor, mask: torch.Tensor, hi: HiFormat | None) -> HiFormat:
+    """``hi=None`` (auto): the source dtype for 16-bit sources; for float32 sources
+    float16 when every hi value is finite in float16, else bfloat16."""
+    if hi is not None:
+        return hi
+    if weight.dtype == torch.float16:
+        return HiFormat.FLOAT16
+    if weight.dtype == torch.bfloat16:
+        return HiFormat.BFLOAT16
+    hi_values = weight[mask]
+    if hi_values.numel() and not bool(torch.isfinite(hi_values.to(torch.float16)).all()):
+        return HiFormat.BFLOAT16
+    return HiFormat.FLOAT16
+
+
+def select(
+    weight: torch.Tensor,
+    params: QuantParams,
+    *,
+    act_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, HiFormat]:
+    """bool ``[R, C]`` hi mask for ``params.selection`` and the resolved hi format."""
+    weight32 = weight.float()
+    block = params.resolve_block(weight.shape[1])
+    if params.selection is Selection.MAGNITUDE:
+        mask = select_magnitude(weight32, params.k)
+        return mask, resolve_hi(weight, mask, params.hi)
+    if params.selection is Selection.ACTIVATION:
+        if act_sq is None:
+            raise UMQError(
+                "selection 'activation' needs activation statistics (umq calibrate)",
+                rule="activation-stats",
+            )
+        if act_sq.shape != (weight.shape[1],):
+            raise UMQError(
+                f"activation statistics have shape {tuple(act_sq.shape)}, expected ({weight.shape[1]},)",
+                rule="activation-stats",
+            )
+    # The gain uses the hi rounding error, so resolve hi from the magnitude mask first.
+    hi = resolve_hi(weight, select_magnitude(weight32, params.k), params.hi)
+    channel = act_sq if params.selection is Selection.ACTIVATION else None
+    mask = select_error(weight32, params.k, block, params.lo, hi, channel)
+    if params.hi is None and weight.dtype == torch.float32:
+        hi = resolve_hi(weight, mask, None)
+    return mask, hi
+
+
+def quantize(
+    weight: torch.Tensor,
+    params: QuantParams = QuantParams(),
+    *,
+    act_sq: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    name: str | None = None,
+) -> PackedTensor:
+    """Quantize a 2-D float32/float16/bfloat16 tensor into its UMQ v1 representation.
+
+    ``act_sq`` (float32 ``[C]``, E[x_j^2] per input channel) is required by the
+    ``activation`` selection; ``mask`` (bool ``[R, C]``, exactly k True per group)
+    overrides the selection. Raises :class:`UMQError` naming ``name`` and the rule for
+    NaN/Inf input, a bad shape or a hi value that overflows the hi dtype.
+    """
+    try:
+        return _quantize(weight, params, act_sq, mask)
+    except UMQError as exc:
+        raise exc.located(tensor=name)
+
+
+def _quantize(weight, params, act_sq, mask) -> PackedTensor:
+    _check_source(weight)
+    rows, cols = weight.shape
+    block = params.resolve_block(cols)
+    weight32 = weight.float()
+    if mask is None:
+        mask, hi = select(weight, params, act_sq=act_sq)
+    else:
+        counts = mask.view(rows, cols // GROUP, GROUP).sum(-1)
+        if mask.shape != weight.shape or bool((counts != params.k).any()):
+            raise UMQError(f"a given mask must have exactly {params.k} hi per group", rule="popcount")
+        hi = resolve_hi(weight, mask, params.hi)
+
+    hi_bits = encode_hi(weight, hi)
+    hi_overflow = mask & ~torch.isfinite(hi_bits.view(hi.torch_dtype))
+    if bool(hi_overflow.any()):
+        r, c = hi_overflow.nonzero()[0].tolist()
+        raise UMQError(
+            f"hi value {weight[r, c].item()} at [{r}, {c}] is not finite in {hi.value} "
+            f"(use --hi bfloat16 or auto)",
+            rule="hi-overflow",
+        )
+    scale = block_scales(weight32, mask, block, params.lo)
+    lo_bytes = quantize_lo(weight32, scale, block, params.lo)
+    data = interleave(lo_bytes, hi_bits, mask, params.k)
+    mask_bytes = mask_bits(mask)
+    spec = TensorSpec(
+        shape=(rows, cols),
+        dtype=dtype_name(weight.dtype),
+        k=params.k,
+        lo=params.lo,
+        hi=hi,
+        block=block,
+        selection=params.selection.value,
+        scale_rule=params.scale_rule.value,
+        crc32={"data": crc32(data), "mask": crc32(mask_bytes), "scale": crc32(scale)},
+    )
+    return PackedTensor(data=data, mask=mask_bytes, scale=scale, spec=spec)
+
+
+# --------------------------------------------------------------------------- byte layout
+
+
+def byte_offsets(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 ``[R, C]``: where each element's first byte sits in its row of ``data``.
+
+    ``offset(i) = g * (8 + k) + i + popcount(mask & ((1 << i) - 1))`` (FORMAT §3).
+    """
+    rows, cols = mask.shape
+    groups = cols // GROUP
+    hi_before = mask.view(rows, groups, GROUP).to(torch.int64).cumsum(-1) - mask.view(rows, groups, GROUP).to(torch.int64)
+    base = torch.arange(groups, device=mask.device, dtype=torch.int64).mul_(GROUP + k).view(1, groups, 1)
+    return (base + _POSITIONS.to(mask.device) + hi_before).view(rows, cols)
+
+
+def interleave(lo_bytes: torch.Tensor, hi_bits: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Assemble the payload: uint8 ``[R, G * (8 + k)]`` from per-element lo bytes, hi
+    int16 patterns and the hi mask (all ``[R, C]``)."""
+    rows, cols = mask.shape
+    width = cols // GROUP * (GROUP + k)
+    offsets = byte_offsets(mask, k)
+    first = torch.where(mask, (hi_bits & 0xFF).to(torch.uint8), lo_bytes)
+    # One spare column takes the high-byte writes of lo elements; every such write lands on
+    # the next element's first byte, which the second scatter then overwrites.
+    data = torch.empty(rows, width + 1, dtype=torch.uint8, device=mask.device)
+    data.scatter_(1, offsets + 1, ((hi_bits >> 8) & 0xFF).to(torch.uint8))
+    data.scatter_(1, offsets, first)
+    return data[:, :width].contiguous()
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool = True) -> None:
+    """Check a packed tensor against FORMAT §2/§7: dtypes, shapes, popcount, scales, crc."""
+    spec = packed.spec
+
+    def fail(message: str, rule: str) -> UMQError:
+        return UMQError(message, rule=rule, tensor=name)
+
+    for suffix, tensor, dtype in (
+        (DATA_SUFFIX, packed.data, torch.uint8),
+        (MASK_SUFFIX, packed.mask, torch.uint8),
+        (SCALE_SUFFIX, packed.scale, torch.float32),
+    ):
+        expected = spec.stored_shapes()[suffix]
+        if tensor.dtype != dtype:
+            raise fail(f"{suffix[1:]} has dtype {tensor.dtype}, expected {dtype}", "stored-dtype")
+        if tuple(tensor.shape) != expected:
+            raise fail(
+                f"{suffix[1:]} has shape {tuple(tensor.shape)}, expected {expected} "
+                f"for shape {list(spec.shape)}, k={spec.k}, block={spec.block}",
+                "stored-shape",
+            )
+    if check_crc:
+        for key, tensor in (("data", packed.data), ("mask", packed.mask), ("scale", packed.scale)):
+            actual = crc32(tensor)
+            if actual != spec.crc32.get(key):
+                raise fail(
+                    f"crc32 of {key} is {actual}, header says {spec.crc32.get(key)}: the file is corrupted",
+                    "crc32",
+                )
+    counts = POPCOUNT.to(packed.mask.device)[packed.mask.long()]
+    wrong = counts != spec.k
+    if bool(wrong.any()):
+        r, g = wrong.nonzero()[0].tolist()
+        raise fail(
+            f"mask byte at [{r}, {g}] has {int(counts[r, g])} bits set, expected k={spec.k}",
+            "popcount",
+        )
+    bad_scale = ~torch.isfinite(packed.scale) | (packed.scale < 0)
+    if bool(bad_scale.any()):
+        r, b = bad_scale.nonzero()[0].tolist()
+        raise fail(f"scale at [{r}, {b}] is {packed.scale[r, b].item()}, must be finite and >= 0", "scale")
+    lo_bytes, hi_bits, mask = deinterleave(packed)
+    lo_invalid = _invalid_lo(lo_bytes, spec.lo) & ~mask
+    if bool(lo_invalid.any()):
+        r, c = lo_invalid.nonzero()[0].tolist()
+        raise fail(
+            f"lo byte 0x{int(lo_bytes[r, c]):02x} at [{r}, {c}] is not a finite {spec.lo.value} value",
+            "lo-code",
+        )
+
+
+def _invalid_lo(q: torch.Tensor, lo: LoFormat) -> torch.Tensor:
+    if lo is LoFormat.INT8:
+        return q == 0x80
+    return ~torch.isfinite(q.view(lo.torch_dtype).float())
+
+
+def deinterleave(packed: PackedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`interleave`: (lo bytes uint8, hi int16 patterns, hi mask bool),
+    each ``[R, C]``; entries not used by an element's kind are meaningless."""
+    spec = packed.spec
+    mask = unpack_mask(packed.mask)
+    offsets = byte_offsets(mask, spec.k)
+    padded = torch.nn.functional.pad(packed.data, (0, 1))
+    low = padded.gather(1, offsets)
+    high = padded.gather(1, offsets + 1)
+    hi_bits = low.to(torch.int16) | (high.to(torch.int16) << 8)
+    return low, hi_bits, mask
+
+
+def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode to the source dtype (or ``dtype``): hi values as stored, lo values as
+    ``decode(q) * scale`` in float32, then cast (FORMAT §4)."""
+    spec = packed.spec
+    low, hi_bits, mask = deinterleave(packed)
+    scale = packed.scale.repeat_interleave(spec.block, dim=1)
+    lo_values = decode_lo(low, spec.lo) * scale
+    target = dtype or spec.torch_dtype
+    hi_values = decode_hi(hi_bits, spec.hi).to(target)
+    return torch.where(mask, hi_values, lo_values.to(target))
+
+
+def weight_error(weight: torch.Tensor, packed: PackedTensor) -> float:
+    """Relative Frobenius error ``||W - W_hat|| / ||W||`` of the decoded tensor (0 for W = 0)."""
+    w = weight.double()
+    norm = torch.linalg.vector_norm(w)
+    diff = torch.linalg.vector_norm(w - dequantize(packed, torch.float32).double())
+    return 0.0 if norm == 0 else float(diff / norm)
