@@ -1,0 +1,298 @@
+"""Activation statistics: what the inputs of each linear layer look like, per channel.
+
+``umq calibrate`` runs a model on real text and records, for every weight tensor ``W``
+(named as in the checkpoint, e.g. ``encoder.layer.0.attention.self.query.weight``) of
+shape ``[R, C]``, statistics of the ``C`` input channels that multiply it. They are stored
+in an ordinary safetensors file:
+
+| tensor | dtype | shape | content |
+| --- | --- | --- | --- |
+| ``W.act_sq`` | float32 | ``[C]`` | mean of ``x_j^2`` over all rows seen (E[x_j^2]) |
+| ``W.absmax`` | float32 | ``[C]`` | largest ``|x_j|`` seen |
+| ``W.outliers`` | int64 | ``[C]`` | how many rows had ``|x_j| > 6.0`` (LLM.int8 outlier features) |
+| ``W.sample`` | float32 | ``[S, C]`` | ``S`` real input rows, a uniform sample (seeded) |
+
+Header metadata (strings): ``umq.stats`` = ``"1"`` (the version), ``tokens`` (rows seen
+by the layer that saw most), ``samples`` (sequences run), ``seed``, ``source`` (model and
+data), ``outlier_threshold``, and ``rows``: a JSON object ``W -> rows seen``.
+
+The statistics are streamed (:class:`ActivationAccumulator`): running sums in float64,
+a running max and count, and a fixed-size sample; memory is ``O(C * S)`` per tensor no
+matter how much text is run. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import UMQError
+
+STATS_VERSION = "1"
+OUTLIER_THRESHOLD = 6.0  # LLM.int8 (Dettmers et al. 2022): |x| > 6 marks an outlier feature
+
+META_VERSION = "umq.stats"
+ACT_SQ = "act_sq"
+ABSMAX = "absmax"
+OUTLIERS = "outliers"
+SAMPLE = "sample"
+FIELDS = (ACT_SQ, ABSMAX, OUTLIERS, SAMPLE)
+_FIELD_DTYPES = {ACT_SQ: torch.float32, ABSMAX: torch.float32, OUTLIERS: torch.int64, SAMPLE: torch.float32}
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Input-channel statistics of one weight ``[R, C]``.
+
+    - ``act_sq``: float32 ``[C]``, E[x_j^2] over every row seen.
+    - ``absmax``: float32 ``[C]``, max |x_j|.
+    - ``outliers``: int64 ``[C]``, number of rows with ``|x_j| > 6.0``.
+    - ``sample``: float32 ``[S, C]``, real input rows (may be ``[0, C]``).
+    - ``rows``: how many input rows (tokens) the statistics cover (0 if unknown).
+    """
+
+    act_sq: torch.Tensor
+    absmax: torch.Tensor
+    outliers: torch.Tensor
+    sample: torch.Tensor
+    rows: int = 0
+
+    @property
+    def channels(self) -> int:
+        return int(self.act_sq.shape[0])
+
+    @property
+    def outlier_channels(self) -> int:
+        """How many channels ever exceeded the outlier threshold."""
+        return int((self.outliers > 0).sum())
+
+    def check(self, name: str | None = None, file: str | Path | None = None) -> None:
+        """Raise :class:`UMQError` (rule ``stats``) unless dtypes and shapes agree."""
+        channels = self.act_sq.shape[0] if self.act_sq.dim() == 1 else -1
+        for field, tensor in zip(FIELDS, (self.act_sq, self.absmax, self.outliers, self.sample)):
+            expected_dim = 2 if field == SAMPLE else 1
+            if tensor.dtype != _FIELD_DTYPES[field] or tensor.dim() != expected_dim or tensor.shape[-1] != channels:
+                raise UMQError(
+                    f"{field} has dtype {tensor.dtype} and shape {tuple(tensor.shape)}; expected "
+                    f"{_FIELD_DTYPES[field]} with {channels} channels ({expected_dim}-D)",
+                    rule="stats",
+                    file=file,
+                    tensor=name,
+                )
+        if not bool(torch.isfinite(self.act_sq).all()) or bool((self.act_sq < 0).any()):
+            raise UMQError("act_sq holds negative or non-finite values", rule="stats", file=file, tensor=name)
+
+    @classmethod
+    def uniform(cls, channels: int) -> "ChannelStats":
+        """Statistics that weight every channel equally (act_sq = 1): the weights-only case."""
+        return cls(
+            act_sq=torch.ones(channels, dtype=torch.float32),
+            absmax=torch.zeros(channels, dtype=torch.float32),
+            outliers=torch.zeros(channels, dtype=torch.int64),
+            sample=torch.zeros(0, channels, dtype=torch.float32),
+            rows=0,
+        )
+
+
+# --------------------------------------------------------------------------- accumulate
+
+
+def _name_seed(seed: int, name: str) -> int:
+    # One generator per tensor, seeded from (seed, name): the sample of one layer does not
+    # depend on the order in which hooks of other layers fire.
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+class _Running:
+    """Running statistics of one tensor's inputs (float64 sums, bottom-S sample)."""
+
+    def __init__(self, name: str, channels: int, sample_rows: int, seed: int, threshold: float) -> None:
+        self.channels = channels
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+        self.absmax = torch.zeros(channels, dtype=torch.float32)
+        self.outliers = torch.zeros(channels, dtype=torch.int64)
+        self.rows = 0
+        self.sample_rows = sample_rows
+        self.threshold = threshold
+        self.generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        # Bottom-S sampling: every row gets a uniform random key; the S smallest keys are a
+        # uniform sample without replacement of all rows seen, computable batch by batch.
+        self.keys = torch.empty(0, dtype=torch.float64)
+        self.index = torch.empty(0, dtype=torch.int64)
+        self.sample = torch.empty(0, channels, dtype=torch.float32)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        self.sum_sq += x.double().square().sum(0)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.outliers += (x.abs() > self.threshold).sum(0)
+        if self.sample_rows:
+            keys = torch.rand(rows, generator=self.generator, dtype=torch.float64)
+            index = torch.arange(self.rows, self.rows + rows, dtype=torch.int64)
+            all_keys = torch.cat([self.keys, keys])
+            keep = all_keys.topk(min(self.sample_rows, all_keys.numel()), largest=False).indices
+            old = self.keys.numel()
+            from_old = keep[keep < old]
+            from_new = keep[keep >= old] - old
+            self.keys = torch.cat([self.keys[from_old], keys[from_new]])
+            self.index = torch.cat([self.index[from_old], index[from_new]])
+            self.sample = torch.cat([self.sample[from_old], x[from_new]])
+        self.rows += rows
+
+    def result(self) -> ChannelStats:
+        order = self.index.argsort()  # sample rows in the order they were seen
+        mean_sq = (self.sum_sq / max(self.rows, 1)).to(torch.float32)
+        return ChannelStats(
+            act_sq=mean_sq,
+            absmax=self.absmax.clone(),
+            outliers=self.outliers.clone(),
+            sample=self.sample[order].contiguous(),
+            rows=self.rows,
+        )
+
+
+class ActivationAccumulator:
+    """Streaming per-channel statistics of the inputs of many weights.
+
+    ``update(name, x)`` takes float ``[N, C]`` rows (any leading shape is flattened) for
+    the weight ``name``; ``result()`` returns ``{name: ChannelStats}``. Memory per weight is
+    three ``[C]`` vectors plus the ``[sample_rows, C]`` sample, independent of N. For a
+    given seed, the same rows in the same order give bit-identical statistics.
+    """
+
+    def __init__(self, *, sample_rows: int = 128, seed: int = 0, outlier_threshold: float = OUTLIER_THRESHOLD) -> None:
+        if sample_rows < 0:
+            raise UMQError(f"sample_rows must be >= 0, got {sample_rows}", rule="stats")
+        self.sample_rows = sample_rows
+        self.seed = seed
+        self.outlier_threshold = outlier_threshold
+        self._running: dict[str, _Running] = {}
+
+    def update(self, name: str, x: torch.Tensor) -> None:
+        """Add input rows ``x`` (float ``[..., C]``) of weight ``name``."""
+        x = x.reshape(-1, x.shape[-1])
+        running = self._running.get(name)
+        if running is None:
+            running = _Running(name, x.shape[-1], self.sample_rows, self.seed, self.outlier_threshold)
+            self._running[name] = running
+        elif running.channels != x.shape[-1]:
+            raise UMQError(
+                f"input has {x.shape[-1]} channels, earlier inputs had {running.channels}",
+                rule="stats",
+                tensor=name,
+            )
+        running.update(x)
+
+    def names(self) -> list[str]:
+        return list(self._running)
+
+    def result(self) -> dict[str, ChannelStats]:
+        return {name: running.result() for name, running in self._running.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the running state (for the bounded-memory check)."""
+        total = 0
+        for r in self._running.values():
+            for t in (r.sum_sq, r.absmax, r.outliers, r.keys, r.index, r.sample):
+                total += t.numel() * t.element_size()
+        return total
+
+
+# --------------------------------------------------------------------------- file
+
+
+def save_stats(path: str | Path, stats: Mapping[str, ChannelStats], metadata: Mapping[str, object] | None = None) -> None:
+    """Write ``stats`` to ``path`` atomically (temp file in the same directory, renamed).
+
+    ``metadata`` values are stored as strings; ``umq.stats`` and ``rows`` are added.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, item in stats.items():
+        item.check(name)
+        tensors[f"{name}.{ACT_SQ}"] = item.act_sq.contiguous()
+        tensors[f"{name}.{ABSMAX}"] = item.absmax.contiguous()
+        tensors[f"{name}.{OUTLIERS}"] = item.outliers.contiguous()
+        tensors[f"{name}.{SAMPLE}"] = item.sample.contiguous()
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta[META_VERSION] = STATS_VERSION
+    meta["rows"] = json.dumps({name: int(item.rows) for name, item in stats.items()}, separators=(",", ":"))
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_stats_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a stats file (validated version), without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UMQError("statistics file not found", rule="stats-file", file=path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise UMQError(f"not a safetensors file ({exc})", rule="stats-file", file=path) from None
+    version = metadata.get(META_VERSION)
+    if version is None:
+        raise UMQError("not an activation statistics file (no umq.stats metadata; made by umq calibrate?)",
+                       rule="stats-version", file=path)
+    if version != STATS_VERSION:
+        raise UMQError(f"umq.stats version {version!r} is not supported (this reader knows {STATS_VERSION})",
+                       rule="stats-version", file=path)
+    return dict(metadata)
+
+
+def load_stats(path: str | Path) -> dict[str, ChannelStats]:
+    """Read a stats file written by :func:`save_stats`: ``{weight name: ChannelStats}``.
+
+    Raises :class:`UMQError` naming the file (and tensor) for a missing file, a file that
+    is not safetensors, an unknown ``umq.stats`` version, or a weight whose four tensors
+    are missing or disagree in dtype/shape.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    metadata = read_stats_metadata(path)
+    try:
+        rows = json.loads(metadata.get("rows", "{}"))
+    except json.JSONDecodeError:
+        rows = {}
+    fields: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            name, _, field = key.rpartition(".")
+            if field not in FIELDS or not name:
+                raise UMQError(f"unexpected tensor {key!r} (expected NAME.{{{','.join(FIELDS)}}})",
+                               rule="stats", file=path, tensor=key)
+            fields.setdefault(name, {})[field] = handle.get_tensor(key)
+    result: dict[str, ChannelStats] = {}
+    for name, parts in fields.items():
+        missing = [f for f in FIELDS if f not in parts]
+        if missing:
+            raise UMQError(f"missing {', '.join(name + '.' + m for m in missing)}", rule="stats", file=path, tensor=name)
+        item = ChannelStats(parts[ACT_SQ], parts[ABSMAX], parts[OUTLIERS], parts[SAMPLE], int(rows.get(name, 0)))
+        item.check(name, path)
+        result[name] = item
+    return result
+
