@@ -400,34 +400,56 @@ class Checkpoint:
             handle = self._handles[file] = open(file, "rb")
         return handle
 
-    def get(self, name: str) -> torch.Tensor:
-        """The stored tensor, read now into memory of its own (shape and dtype as stored)."""
+    def _read_into(self, entry: TensorEntry, offset: int, buffer: torch.Tensor) -> None:
+        """Fill uint8 ``buffer`` from ``entry``'s bytes starting ``offset`` bytes in.
+
+        Positional reads (``preadv``), so worker threads can read while others write.
+        """
+        view = memoryview(buffer.numpy())
+        fd = self._handle(entry.file).fileno()
+        position, done = entry.start + offset, 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], position + done)
+            if got <= 0:
+                raise UMQError(
+                    f"read {done} of {len(view)} bytes: the file changed or was truncated",
+                    rule="truncated", file=entry.file, tensor=entry.name,
+                )
+            done += got
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The stored tensor read now into memory of its own (dtype and shape as stored).
+
+        ``rows=(r0, r1)`` reads only rows ``r0:r1`` of the first axis (a contiguous byte
+        range in row-major storage), so a large matrix can be processed in slabs.
+        """
         entry = self.entry(name)
         dtype = entry.torch_dtype
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-        if entry.nbytes:
-            handle = self._handle(entry.file)
-            handle.seek(entry.start)
-            got = handle.readinto(memoryview(buffer.numpy()))
-            if got != entry.nbytes:
-                raise UMQError(f"read {got} of {entry.nbytes} bytes: file changed or truncated",
-                               rule="truncated", file=entry.file, tensor=name)
-        return buffer.view(dtype).view(entry.shape)
+        shape = entry.shape
+        offset, nbytes = 0, entry.nbytes
+        if rows is not None:
+            r0, r1 = rows
+            if not shape or not 0 <= r0 <= r1 <= shape[0]:
+                raise ValueError(f"rows {rows} out of range for shape {list(shape)}")
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            offset, nbytes = r0 * row_bytes, (r1 - r0) * row_bytes
+            shape = (r1 - r0, *shape[1:])
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            self._read_into(entry, offset, buffer)
+        return buffer.view(dtype).view(shape)
 
-    def iter_bytes(self, name: str, chunk: int = _COPY_CHUNK) -> Iterator[bytes]:
+    def iter_bytes(self, name: str, chunk: int = _COPY_CHUNK) -> Iterator[memoryview]:
         """The stored bytes of a tensor in chunks of at most ``chunk`` bytes (for copies
         that must not hold a whole tensor, and for dtypes torch lacks)."""
         entry = self.entry(name)
-        handle = self._handle(entry.file)
-        position = entry.start
-        while position < entry.end:
-            handle.seek(position)
-            data = handle.read(min(chunk, entry.end - position))
-            if not data:
-                raise UMQError("file ended early: changed or truncated", rule="truncated",
-                               file=entry.file, tensor=name)
-            position += len(data)
-            yield data
+        buffer = torch.empty(min(chunk, entry.nbytes), dtype=torch.uint8)
+        offset = 0
+        while offset < entry.nbytes:
+            part = buffer[: min(chunk, entry.nbytes - offset)]
+            self._read_into(entry, offset, part)
+            offset += part.numel()
+            yield memoryview(part.numpy())
 
     def packed(self, name: str, *, check_crc: bool = True) -> PackedTensor:
         """The quantized tensor ``name`` (a key of :attr:`specs`), validated against every
@@ -565,43 +587,54 @@ class SafetensorsWriter:
             self._file.close()
             self._file = None
 
-    def _slot(self, name: str) -> Slot:
-        slot = self.slots.get(name)
-        if slot is None:
-            raise KeyError(f"tensor '{name}' is not in this writer's layout")
-        if name in self._written:
-            raise ValueError(f"tensor '{name}' written twice")
-        return slot
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor's bytes (must match the layout's dtype and shape)."""
+        """Write one whole tensor (must match the layout's dtype and shape)."""
         slot = self._slot(name)
         if dtype_code(tensor.dtype) != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise ValueError(
                 f"tensor '{name}' is {dtype_code(tensor.dtype)}{list(tensor.shape)}, "
                 f"layout says {slot.dtype}{list(slot.shape)}"
             )
-        flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        self._write_at(name, [memoryview(flat.numpy())] if slot.nbytes else [])
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, offset: int, tensor: torch.Tensor | bytes | memoryview) -> None:
+        """Write bytes of tensor ``name`` starting ``offset`` bytes into it (e.g. a slab of
+        rows: ``offset = r0 * row_bytes``). Parts must not overlap; :meth:`close` checks
+        that they add up to the whole tensor (:meth:`rewind` starts a tensor over)."""
+        slot = self._slot(name)
+        if isinstance(tensor, torch.Tensor):
+            if tensor.numel() == 0:
+                return
+            flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+            data = memoryview(flat.numpy())
+        else:
+            data = memoryview(tensor).cast("B")
+        begin, end = self.offsets[name]
+        if offset < 0 or offset + len(data) > end - begin:
+            raise ValueError(f"tensor '{name}': bytes [{offset}, {offset + len(data)}) outside its {end - begin}")
+        assert self._file is not None, "writer is closed"
+        self._file.seek(self.data_start + begin + offset)
+        self._file.write(data)
+        self._written[name] = self._written.get(name, 0) + len(data)
+        if self._written[name] > slot.nbytes:
+            raise ValueError(f"tensor '{name}': more than {slot.nbytes} bytes written (overlapping parts)")
 
     def write_bytes(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
-        """Write one tensor from raw byte chunks (e.g. :meth:`Checkpoint.iter_bytes`)."""
-        self._slot(name)
-        self._write_at(name, chunks)
-
-    def _write_at(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
-        assert self._file is not None, "writer is closed"
-        begin, end = self.offsets[name]
-        self._file.seek(self.data_start + begin)
-        written = 0
+        """Write one tensor from raw byte chunks in order (e.g. :meth:`Checkpoint.iter_bytes`)."""
+        offset = 0
         for chunk in chunks:
-            written += len(chunk)
-            if written > end - begin:
-                raise ValueError(f"tensor '{name}': more than {end - begin} bytes given")
-            self._file.write(chunk)
-        if written != end - begin:
-            raise ValueError(f"tensor '{name}': {written} bytes given, layout needs {end - begin}")
-        self._written[name] = written
+            self.write_part(name, offset, chunk)
+            offset += len(chunk)
+
+    def rewind(self, name: str) -> None:
+        """Forget what was written of ``name`` so it can be written again from scratch."""
+        self._written.pop(name, None)
+
+    def _slot(self, name: str) -> Slot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise KeyError(f"tensor '{name}' is not in this writer's layout")
+        return slot
 
     def close(self, metadata: Mapping[str, str] | None = None) -> int:
         """Write the header (with ``metadata``) and close; returns the file size.
@@ -609,9 +642,9 @@ class SafetensorsWriter:
         Every tensor of the layout must have been written.
         """
         assert self._file is not None, "writer is closed"
-        missing = [name for name in self.slots if name not in self._written]
+        missing = [name for name, slot in self.slots.items() if self._written.get(name, 0) != slot.nbytes]
         if missing:
-            raise ValueError(f"{len(missing)} tensor(s) never written, e.g. '{missing[0]}'")
+            raise ValueError(f"{len(missing)} tensor(s) not completely written, e.g. '{missing[0]}'")
         header = self._header_json(dict(metadata or {}))
         if len(header) > self.header_size:
             raise ValueError(
