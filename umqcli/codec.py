@@ -195,47 +195,53 @@ def select_error(
 ) -> torch.Tensor:
     """bool ``[R, C]``: error-greedy selection, never worse than magnitude per block.
 
-    The rule, exactly:
+    ``weight32`` float32 ``[R, C]``; ``channel_weight`` float32 ``[C]`` (E[x_j^2] per input
+    column, ``activation``) or None (``error``: every ``a_j = 1``). The rule, exactly:
 
-    1. Start from the magnitude selection ``M0`` and its absmax scales ``s0``.
-    2. Under ``s0``, every element's gain from going hi is
-       ``a_j * (e_lo^2 - e_hi^2)``: its squared lo error minus its squared hi rounding
-       error, weighted by ``a_j`` (the activation second moment E[x_j^2] of input column
-       j for ``activation``, 1 for ``error``). Elements beyond the lo range under ``s0``
-       are clamped, so large outliers keep a large gain.
+    1. Seeds: the magnitude selection ``M0``; with ``channel_weight`` also the salience
+       selection ``Ms`` (the k largest ``|w_j| * sqrt(a_j)`` per group, ties toward the
+       lower position). The last seed is ``S``, with its absmax scales ``s``.
+    2. Under ``s``, every element's gain from going hi is ``a_j * (e_lo^2 - e_hi^2)``:
+       its squared lo error (``w - decode(encode(clamp(w / s))) * s``, so clamped
+       outliers keep a large gain) minus its squared hi rounding error.
     3. ``M1``: in each group the k largest gains (ties toward the lower position).
-    4. Re-derive absmax scales for ``M1``; then per scale block keep whichever of ``M0``
-       and ``M1`` has the lower weighted squared error ``sum_j a_j (w_j - w_hat_j)^2``
-       (``M0`` on ties).
+    4. For each candidate (``M0``, [``Ms``,] ``M1``) re-derive its absmax scales and its
+       weighted squared error per scale block, ``sum_j a_j (w_j - w_hat_j)^2`` (float32);
+       per block keep the candidate with the lowest error, the earlier one on ties.
 
-    Step 4 works per block because blocks share no scale and no group, so the total
-    weighted error is never above that of the magnitude selection (and of the
-    activation-salience selection ``|w_j| sqrt(a_j)`` that seeds ``activation``).
+    Step 4 is exact per block because blocks share no scale and no group, so the total
+    weighted error is never above magnitude's (nor, for ``activation``, salience's).
     """
     rows, cols = weight32.shape
     if k in (0, GROUP):
         return select_magnitude(weight32, k)
-    weights = None if channel_weight is None else channel_weight.float().to(weight32.device).expand(rows, cols)
-    salience = None if weights is None else weight32.abs() * weights.sqrt()
-    base = select_magnitude(weight32, k, salience)
-    hi_err = weight32 - weight32.to(hi.torch_dtype).float()
-    lo_err = lo_error(weight32, block_scales(weight32, base, block, lo), block, lo)
-    gain = lo_err.square() - hi_err.square()
+    weights = None if channel_weight is None else channel_weight.float().to(weight32.device).view(1, cols)
+    candidates = [select_magnitude(weight32, k)]
     if weights is not None:
-        gain = gain * weights
+        candidates.append(select_magnitude(weight32, k, weight32.abs() * weights.sqrt()))
+    hi_err_sq = (weight32 - weight32.to(hi.torch_dtype).float()).square_()
+    gain = lo_error(weight32, block_scales(weight32, candidates[-1], block, lo), block, lo).square_()
+    gain -= hi_err_sq
+    if weights is not None:
+        gain *= weights
     # Gains may be negative (hi rounding worse than lo): shift so the order is kept.
-    candidate = select_magnitude(weight32, k, gain - gain.amin())
+    gain -= gain.amin()
+    candidates.append(select_magnitude(weight32, k, gain))
+    del gain
 
     def blockwise_error(mask: torch.Tensor) -> torch.Tensor:
         scale = block_scales(weight32, mask, block, lo)
-        err = torch.where(mask, hi_err, lo_error(weight32, scale, block, lo)).square()
+        err = lo_error(weight32, scale, block, lo).square_()
+        err = torch.where(mask, hi_err_sq, err)
         if weights is not None:
-            err = err * weights
+            err *= weights
         return err.view(rows, cols // block, block).sum(-1)
 
-    better = blockwise_error(candidate) < blockwise_error(base)
-    use_candidate = better.repeat_interleave(block, dim=1)
-    return torch.where(use_candidate, candidate, base)
+    errors = torch.stack([blockwise_error(mask) for mask in candidates])
+    choice = errors.argmin(0)  # first minimum: the earlier candidate wins ties
+    stacked = torch.stack(candidates).view(len(candidates), rows, cols // block, block)
+    index = choice.view(1, rows, cols // block, 1).expand(1, rows, cols // block, block)
+    return stacked.gather(0, index).view(rows, cols)
 
 
 # --------------------------------------------------------------------------- quantize

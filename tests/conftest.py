@@ -1,0 +1,30 @@
+"""Shared fixtures for the umq test suite.
+
+The conformance vectors live in ``shared/vectors`` beside the repository (CI clones
+``main`` with ``shared/`` next to it). They are the independent truth the codec is
+measured against, so their absence is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# UMQ_VECTORS_DIR lets a checkout that is not laid out like CI point at the vectors.
+VECTORS_DIR = Path(os.environ.get("UMQ_VECTORS_DIR", REPO_ROOT.parent / "shared" / "vectors"))
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    """``Path`` of the FORMAT v1 conformance vectors (``../shared/vectors``); fails loudly
+    when they are missing so that no conformance test is silently skipped."""
+    if not (VECTORS_DIR / "source.safetensors").is_file():
+        pytest.fail(
+            f"conformance vectors not found at {VECTORS_DIR} (expected shared/vectors beside "
+            f"the repository root {REPO_ROOT}, or UMQ_VECTORS_DIR)",
+            pytrace=False,
+        )
+    return VECTORS_DIR
