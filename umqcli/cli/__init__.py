@@ -7,6 +7,7 @@ from ._common import app
 
 # Importing a command module registers its command on ``app``.
 from . import info  # noqa: F401,E402
+from . import pack  # noqa: F401,E402
 from . import unpack  # noqa: F401,E402
 
 
