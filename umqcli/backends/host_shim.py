@@ -24,7 +24,9 @@ import torch
 from ..errors import UMQError
 from ..nvrtc import kernel_dir
 
-SHIM_SOURCES = ("host_shim.h", "host_shim.cpp", "umq_common.cuh", "umq_decode.cu", "umq_matmul.cu")
+SHIM_SOURCES = (
+    "host_shim.h", "host_shim.cpp", "umq_common.cuh", "umq_decode.cu", "umq_matmul.cu", "shim_selftest.cu",
+)
 # -ffp-contract=off: no fused multiply-add, so every float32 product is rounded on its
 # own (decode(q) * scale must round exactly once, as in the torch codec).
 COMPILE_FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas")
