@@ -554,7 +554,10 @@ def load_hf(
         architectures = config.get("architectures") or []
         model_class = getattr(transformers, architectures[0], None) if architectures else None
         model_class = model_class or transformers.AutoModel
-    model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
+    try:
+        model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
+    except UMQError as exc:
+        raise exc.located(file=path)
     configure(model, backend=backend, cache_decoded=cache_decoded)
     return model.eval()
 

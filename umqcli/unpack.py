@@ -8,21 +8,23 @@ names, a rewritten ``model.safetensors.index.json``, ``config.json`` without its
 ``quantization_config``, and the other files (tokenizer, ...) copied.
 
 Memory stays bounded whatever the model size: tensors are read one at a time, pass-through
-tensors are copied in chunks, and a quantized tensor is validated and decoded a slab of
-rows at a time, each slab written as soon as it is decoded. Output goes to a temporary
+tensors are copied in chunks, and a quantized tensor is read, validated and decoded a slab
+of rows at a time, each slab written as soon as it is decoded (peak: one slab's
+temporaries, ~40 bytes x ``SLAB_ELEMENTS``). Output goes to a temporary
 path renamed into place only when everything succeeded (io.atomic_output).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from .codec import PackedTensor, crc32, dequantize
+from .codec import PackedTensor, dequantize
 from .errors import UMQError
 from .format import (
     DATA_SUFFIX,
@@ -209,9 +211,8 @@ def _unpack_file(
             report.bytes_in += entry.nbytes
             counter.done(name, entry.nbytes)
         for name, spec in specs.items():
-            packed = _read_packed(checkpoint, name, spec, file)
             out_dtype = target_dtype(spec, dtype)
-            writer.write_bytes(name, _decoded_slabs(packed, out_dtype, name, file))
+            writer.write_bytes(name, _decoded_slabs(checkpoint, name, spec, out_dtype, file))
             nbytes = spec.rows * spec.columns * out_dtype.itemsize
             written[name] = nbytes
             report.decoded[name] = (spec.dtype, str(out_dtype).removeprefix("torch."), list(spec.shape))
@@ -222,16 +223,10 @@ def _unpack_file(
     return written
 
 
-def _read_packed(checkpoint: Checkpoint, name: str, spec: TensorSpec, file: Path) -> PackedTensor:
-    """The three stored tensors of ``name``, with dtype, shape and crc32 checked; the
-    per-element rules (popcount, scales, lo codes) are checked slab by slab later."""
+def _check_stored(checkpoint: Checkpoint, name: str, spec: TensorSpec, file: Path) -> None:
+    """The three stored tensors' dtypes and shapes, from the header alone (FORMAT §2)."""
     expected = spec.stored_shapes()
-    tensors = {}
-    for suffix, key, want in (
-        (DATA_SUFFIX, "data", torch.uint8),
-        (MASK_SUFFIX, "mask", torch.uint8),
-        (SCALE_SUFFIX, "scale", torch.float32),
-    ):
+    for suffix, want in ((DATA_SUFFIX, torch.uint8), (MASK_SUFFIX, torch.uint8), (SCALE_SUFFIX, torch.float32)):
         stored_dtype, stored_shape = checkpoint.info(name + suffix)
         if stored_dtype != want or tuple(stored_shape) != expected[suffix]:
             raise UMQError(
@@ -241,22 +236,12 @@ def _read_packed(checkpoint: Checkpoint, name: str, spec: TensorSpec, file: Path
                 file=file,
                 tensor=name,
             )
-        tensor = checkpoint.get(name + suffix)
-        actual = crc32(tensor)
-        if actual != spec.crc32.get(key):
-            raise UMQError(
-                f"crc32 of {key} is {actual}, header says {spec.crc32.get(key)}: the file is corrupted",
-                rule="crc32",
-                file=file,
-                tensor=name,
-            )
-        tensors[key] = tensor
-    return PackedTensor.from_stored(spec, tensors["data"], tensors["mask"], tensors["scale"])
 
 
 def row_slabs(packed: PackedTensor, rows_per_slab: int) -> Iterator[tuple[int, PackedTensor]]:
-    """``(first_row, slab)`` views of consecutive row ranges of ``packed``; each slab is a
-    valid PackedTensor of shape ``[n, C]`` (its crc32 entries are the whole tensor's)."""
+    """``(first_row, slab)`` views of consecutive row ranges of an in-memory ``packed``;
+    each slab is a PackedTensor of shape ``[n, C]`` (rows are independent in FORMAT v1:
+    groups and scale blocks never cross a row). Its crc32 entries are the whole tensor's."""
     spec = packed.spec
     for start in range(0, spec.rows, rows_per_slab):
         stop = min(start + rows_per_slab, spec.rows)
@@ -268,17 +253,45 @@ def row_slabs(packed: PackedTensor, rows_per_slab: int) -> Iterator[tuple[int, P
         )
 
 
-def _decoded_slabs(packed: PackedTensor, dtype: torch.dtype, name: str, file: Path) -> Iterator[memoryview]:
-    """The decoded tensor's bytes (row-major), one validated slab of rows at a time."""
-    rows_per_slab = max(1, SLAB_ELEMENTS // packed.spec.columns)
-    for start, slab in row_slabs(packed, rows_per_slab):
+def _decoded_slabs(
+    checkpoint: Checkpoint, name: str, spec: TensorSpec, dtype: torch.dtype, file: Path
+) -> Iterator[memoryview]:
+    """The decoded tensor's bytes (row-major), one slab of rows at a time, read straight
+    from the file: only one slab (packed and decoded) is in memory at once.
+
+    Each slab is checked against every per-element rule (popcount, scales, lo codes)
+    before it is decoded; the crc32s are chained over the slabs and compared at the end,
+    so a corrupted tensor fails the run (and the atomic output removes what was written).
+    """
+    _check_stored(checkpoint, name, spec, file)
+    rows_per_slab = max(1, SLAB_ELEMENTS // spec.columns)
+    running = {"data": 0, "mask": 0, "scale": 0}
+    for start in range(0, spec.rows, rows_per_slab):
+        stop = min(start + rows_per_slab, spec.rows)
+        parts = {
+            key: checkpoint.get(name + suffix, rows=(start, stop))
+            for key, suffix in (("data", DATA_SUFFIX), ("mask", MASK_SUFFIX), ("scale", SCALE_SUFFIX))
+        }
+        for key, tensor in parts.items():
+            running[key] = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy(), running[key])
+        slab = PackedTensor.from_stored(
+            dataclasses.replace(spec, shape=(stop - start, spec.columns)), parts["data"], parts["mask"], parts["scale"]
+        )
         try:
             slab.validate(name=name, check_crc=False)
         except UMQError as exc:
-            exc.message = f"rows {start}..{start + slab.spec.rows - 1}: {exc.message}"
+            exc.message = f"rows {start}..{stop - 1}: {exc.message}"
             raise exc.located(file=file)
         dense = dequantize(slab, dtype).contiguous()
         yield memoryview(dense.view(torch.uint8).reshape(-1).numpy())
+    for key, actual in running.items():
+        if actual != spec.crc32.get(key):
+            raise UMQError(
+                f"crc32 of {key} is {actual}, header says {spec.crc32.get(key)}: the file is corrupted",
+                rule="crc32",
+                file=file,
+                tensor=name,
+            )
 
 
 __all__ = ["DTYPE_CHOICES", "UnpackReport", "row_slabs", "target_dtype", "unpack"]
