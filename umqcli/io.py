@@ -70,6 +70,12 @@ DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "I64": (8, torch.int64),
     "U64": (8, getattr(torch, "uint64", None)),
 }
+# safetensors' Dtype enum order; save_file lays tensors out by descending rank, then name,
+# which keeps every tensor aligned to its element size. The writer does the same, so for
+# equal inputs its files are byte-identical to save_file's.
+_DTYPE_RANK = {code: rank for rank, code in enumerate(
+    ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
+     "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"])}
 TORCH_TO_CODE = {dtype: code for code, (_, dtype) in DTYPES.items() if dtype is not None}
 
 
@@ -525,8 +531,8 @@ class SafetensorsWriter:
     """Write one safetensors file tensor by tensor, in any order, in bounded memory.
 
     ``layout``: every tensor the file will hold, as ``(name, dtype, shape)`` (dtype a torch
-    dtype or safetensors code). Data is ordered like ``safetensors.save_file`` does (larger
-    element size first, then by name) so that every tensor is aligned to its element
+    dtype or safetensors code). Data is ordered like ``safetensors.save_file`` does (by
+    dtype rank, wider first, then by name) so that every tensor is aligned to its element
     size; the header is padded to a multiple of 8. ``metadata_reserve`` is the largest
     ``__metadata__`` :meth:`close` may be given (a mapping whose JSON size is measured, or
     a byte count); space for it is reserved before the data, and the final header is padded
@@ -546,7 +552,7 @@ class SafetensorsWriter:
         names = [s.name for s in slots]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in layout")
-        slots.sort(key=lambda s: (-DTYPES[s.dtype][0], s.name))
+        slots.sort(key=lambda s: (-_DTYPE_RANK[s.dtype], s.name))
         self.slots = {s.name: s for s in slots}
         self.offsets: dict[str, tuple[int, int]] = {}
         position = 0
