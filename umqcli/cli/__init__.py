@@ -9,6 +9,7 @@ from ._common import app
 from . import info  # noqa: F401,E402
 from . import pack  # noqa: F401,E402
 from . import unpack  # noqa: F401,E402
+from . import verify  # noqa: F401,E402
 
 
 def main() -> None:

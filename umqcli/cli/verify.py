@@ -1,0 +1,126 @@
+"""``umq verify``: integrity and matmul error of a packed checkpoint, for humans and CI."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..io import atomic_output
+from ..verify import DEFAULT_MAX_REL_ERROR, DEFAULT_ROWS, DEFAULT_SEED, VerifyReport, junit_xml, verify
+from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, err_console, error_boundary, print_json
+
+
+class BackendChoice(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    torch = "torch"
+
+
+@app.command("verify")
+@error_boundary
+def verify_command(
+    packed: Annotated[Path, typer.Argument(help="A packed .safetensors file or HF model directory.")],
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="The unquantized source it was packed from: checks shapes, dtypes, hi values bit for bit and pass-through bytes, and measures error against the real weights (without it: against the codec's decode).")] = None,
+    activations: Annotated[Optional[Path], typer.Option("--activations", help="Activation stats from `umq calibrate`: real input rows replace the Gaussian X.")] = None,
+    backend: Annotated[BackendChoice, typer.Option("--backend", help="auto (CUDA when a device is present, else torch), cuda or torch.")] = BackendChoice.auto,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Input rows X per tensor.")] = DEFAULT_ROWS,
+    max_rel_error: Annotated[float, typer.Option("--max-rel-error", min=0.0, help="Fail (exit 1) when a tensor's relative output error ||Y - Y_ref|| / ||Y_ref|| is above this.")] = DEFAULT_MAX_REL_ERROR,
+    tensor: Annotated[Optional[list[str]], typer.Option("--tensor", help="Only tensors matching this glob or re:regex (repeatable).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the Gaussian input rows.")] = DEFAULT_SEED,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (no table, no progress bar).")] = False,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report (one test case per tensor).")] = None,
+) -> None:
+    """Check a packed checkpoint: integrity first (FORMAT rules, crc32, reference), then
+    per tensor the error of Y = X·Ŵᵀ against X·Wᵀ next to plain FP8 / INT8 per-channel.
+
+    Exit 0: every tensor within --max-rel-error; 1: some tensor above it; 2: invalid
+    input (corrupted file, mismatched reference, unavailable backend).
+    """
+    options = dict(
+        reference=reference, activations=activations, backend=backend.value, rows=rows,
+        max_rel_error=max_rel_error, tensors=tensor or (), seed=seed,
+    )
+    if as_json:
+        report = verify(packed, **options)
+    else:
+        progress = Progress(
+            TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}", style="dim"), console=err_console, transient=True,
+        )
+        with progress:
+            task = progress.add_task("integrity", total=None)
+
+            def on_progress(name: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, description=name)
+
+            report = verify(packed, progress=on_progress, **options)
+    if junit is not None:
+        with atomic_output(junit, force=True) as tmp:
+            tmp.write_text(junit_xml(report), encoding="utf-8")
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_report(report)
+    raise typer.Exit(EXIT_OK if report.passed else EXIT_THRESHOLD)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.4g}%"
+
+
+def render_report(report: VerifyReport) -> None:
+    with_baselines = report.reference is not None
+    against = f"reference {report.reference}" if report.reference else "the codec's decode (no --reference)"
+    inputs = f"activations {report.activations}" if report.activations else f"Gaussian X, seed {report.seed}"
+    console.print(
+        f"[bold]umq verify[/] {report.packed}: {report.backend} backend, {report.rows} rows of {inputs}, "
+        f"Y = X·Ŵᵀ against X·Wᵀ from {against}",
+        highlight=False,
+    )
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("tensor\n[dim]shape, k lo/block, bits", overflow="fold", ratio=1)
+    for header in ("rel err", "max abs", "SQNR\ndB", "cosine"):
+        table.add_column(header, justify="right", no_wrap=True)
+    if with_baselines:
+        table.add_column("FP8\npc", justify="right", no_wrap=True)
+        table.add_column("INT8\npc", justify="right", no_wrap=True)
+    table.add_column("", justify="center", no_wrap=True, min_width=4)
+    for result in report.tensors:
+        spec, error = result.spec, result.error
+        block = "row" if spec.block == spec.columns else str(spec.block)
+        row = [
+            f"{result.name}\n[dim]{spec.rows}x{spec.columns}, {spec.k} {spec.lo.value}/{block}, "
+            f"{spec.bits_per_element:.2f} b",
+            _pct(error.rel_error),
+            f"{error.max_abs_error:.2g}",
+            "inf" if error.sqnr_db == float("inf") else f"{error.sqnr_db:.1f}",
+            f"{error.cosine:.4f}",
+        ]
+        if with_baselines:
+            row += [_pct(result.baselines[name].rel_error) for name in ("fp8_e4m3-channel", "int8-channel")]
+        row.append("[green]ok" if result.passed else "[bold red]FAIL")
+        table.add_row(*row)
+    console.print(table)
+    checks = ", ".join(report.integrity)
+    extra = f"; {report.passthrough_checked} pass-through tensors byte-identical" if report.reference else ""
+    console.print(f"integrity: {checks}{extra}", highlight=False)
+    failures = report.failures
+    if failures:
+        worst = max(failures, key=lambda t: t.error.rel_error)
+        console.print(
+            f"[bold red]{len(failures)} of {len(report.tensors)} tensors above --max-rel-error "
+            f"{report.max_rel_error:g}[/] (worst: {worst.name}, {_pct(worst.error.rel_error)})",
+            highlight=False,
+        )
+    else:
+        worst = max(report.tensors, key=lambda t: t.error.rel_error)
+        console.print(
+            f"[green]all {len(report.tensors)} tensors within --max-rel-error {report.max_rel_error:g}[/] "
+            f"(worst: {worst.name}, {_pct(worst.error.rel_error)}) in {report.seconds:.1f} s",
+            highlight=False,
+        )
