@@ -7,7 +7,9 @@ from ._common import app
 
 # Importing a command module registers its command on ``app``.
 from . import info  # noqa: F401,E402
+from . import compare  # noqa: F401,E402
 from . import pack  # noqa: F401,E402
+from . import inspect  # noqa: F401,E402
 from . import unpack  # noqa: F401,E402
 from . import verify  # noqa: F401,E402
 
