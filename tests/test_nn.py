@@ -272,3 +272,20 @@ def test_load_hf_refuses_a_corrupted_packed_tensor(minilm, tmp_path) -> None:
     with pytest.raises(UMQError) as info:
         load_hf(broken)
     assert info.value.rule == "crc32" and info.value.tensor == "encoder.layer.3.intermediate.dense.weight"
+
+
+def test_load_hf_in_bfloat16_keeps_scales_float32(minilm, minilm_models) -> None:
+    model = load_hf(minilm["packed"], dtype=torch.bfloat16)
+    layer = model.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, UMQLinear)
+    assert layer.weight.umq_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    # Same packed bytes as the float32 load: only activations, biases and norms are bf16.
+    reference = minilm_models["packed"].encoder.layer[0].intermediate.dense
+    assert torch.equal(layer.weight.umq_data, reference.weight.umq_data)
+    tokenizer = minilm_models["tokenizer"]
+    sentences = _sentences()[:8]
+    bf16 = _embed(model, tokenizer, sentences)
+    fp32 = _embed(minilm_models["packed"], tokenizer, sentences)
+    assert bf16.dtype == torch.bfloat16
+    assert float((bf16.float() * fp32).sum(-1).min()) > 0.99
