@@ -191,6 +191,11 @@ class Baseline:
         """Why this format cannot store a tensor of ``shape`` (``None``: it can)."""
         return None
 
+    def row_local(self, shape: tuple[int, int]) -> bool:
+        """True when each decoded row depends on that row of the weight only, so a
+        subset of rows can be quantized on its own (``compare`` samples rows)."""
+        return True
+
     def quantize_dequantize(self, w: torch.Tensor, act_absmax: torch.Tensor | None = None) -> torch.Tensor:
         """float ``[R, C]`` -> float32 ``[R, C]`` as decoded from this format.
 
@@ -245,6 +250,9 @@ class FP8Blocks(Baseline):
         if rows % self.block_rows:
             return f"{self.block_rows} does not divide {rows} rows"
         return None
+
+    def row_local(self, shape):
+        return self.block_rows == 1
 
     def quantize_dequantize(self, w, act_absmax=None):
         return fake_quant_fp8_blocks(w, self.fmt, self.block_cols or None, self.block_rows)
@@ -393,6 +401,10 @@ class NF4(Baseline):
     @property
     def params(self) -> dict[str, Any]:
         return {"block": self.block, "double_quant": self.double_quant}
+
+    def row_local(self, shape):
+        # Blocks run over the flattened tensor: they stay inside rows when C divides.
+        return shape[1] % self.block == 0
 
     def quantize_dequantize(self, w, act_absmax=None):
         import bitsandbytes.functional as bnbf

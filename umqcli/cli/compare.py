@@ -1,0 +1,197 @@
+"""``umq compare``: quality per bit of UMQ configurations against the seed baselines."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..compare import CompareReport, compare_checkpoint, plot_report
+from ..errors import UMQError
+from ._common import app, console, err_console, error_boundary, fail, print_json
+
+
+@app.command("compare")
+@error_boundary
+def compare_command(
+    src: Annotated[Path, typer.Argument(help="Source .safetensors file or Hugging Face model directory.")],
+    activations: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--activations",
+            help="Stats file from umq calibrate: its real input rows replace the Gaussian X, "
+            "enables selection=activation and LLM.int8().",
+        ),
+    ] = None,
+    tensor: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--tensor",
+            help="Compare only tensors matching this glob (or 're:REGEX'); repeatable. "
+            "Default: every 2-D float weight with columns % 8 == 0 except embeddings and lm_head.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report (per tensor too) as JSON.")] = False,
+    png: Annotated[
+        Optional[Path], typer.Option("--png", help="Write a plot of error against bits to this PNG file.")
+    ] = None,
+    x_rows: Annotated[int, typer.Option("--x-rows", min=1, help="Input rows X per tensor (Gaussian or sampled).")] = 256,
+    weight_rows: Annotated[
+        int,
+        typer.Option("--weight-rows", min=0, help="Output rows sampled per tensor, 0 = all (sampling misses rare outlier rows)."),
+    ] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the Gaussian inputs and row samples.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Tensors measured in parallel.")] = 2,
+    per_tensor: Annotated[
+        bool, typer.Option("--per-tensor", help="Also print each tensor's best UMQ config and best baseline.")
+    ] = False,
+) -> None:
+    """Bits per element (everything stored) and output error (relative Frobenius, SQNR)
+    for UMQ configs (k 0/1/2/4 x lo x block row/32 x selection) and the seed baselines
+    (FP8 per-channel and 1x128 blocks, MXFP8, INT8 per-channel, LLM.int8(), INT4 groups,
+    NF4), per tensor and weighted by element count; the Pareto front is marked."""
+    if png is not None and png.exists() and src.exists() and png.resolve() == src.resolve():
+        raise fail(f"--png {png} is the source checkpoint; refusing to overwrite an input")
+    if as_json:
+        report = compare_checkpoint(
+            src, activations=activations, patterns=tensor or (), x_rows=x_rows,
+            weight_rows=weight_rows, seed=seed, workers=workers,
+        )
+    else:
+        with Progress(
+            TextColumn("[bold]compare"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tensors"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("", total=None)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = compare_checkpoint(
+                src, activations=activations, patterns=tensor or (), x_rows=x_rows,
+                weight_rows=weight_rows, seed=seed, workers=workers, progress=progress,
+            )
+    if png is not None:
+        _write_png(report, png)
+    if as_json:
+        print_json(report.to_json())
+        return
+    console.print(format_table(report))
+    console.print(budget_table(report))
+    if per_tensor:
+        console.print(tensor_table(report))
+    for name, reason in report.skipped_formats.items():
+        console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
+    for name, reason in report.skipped_tensors.items():
+        console.print(f"[yellow]not compared[/] {name}: {reason}", highlight=False)
+    if png is not None:
+        console.print(f"plot written to {png}", highlight=False)
+
+
+def _write_png(report: CompareReport, png: Path) -> None:
+    from ..io import atomic_output
+
+    try:
+        with atomic_output(png, force=True) as tmp:
+            plot_report(report, tmp)
+    except UMQError as exc:
+        raise exc.located(file=png)
+
+
+def _err(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3e}"
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.1f}"
+
+
+def format_table(report: CompareReport) -> Table:
+    inputs = (
+        f"real activation rows from {report.activations}"
+        if report.inputs == "activations"
+        else f"{report.tensors[0].x_rows} seeded Gaussian input rows (seed {report.seed})"
+    )
+    sampled = sum(t.weight_rows for t in report.tensors) < sum(t.shape[0] for t in report.tensors)
+    table = Table(
+        title=f"umq compare {report.source}: {len(report.tensors)} tensors, "
+        f"{report.elements:,} elements, {inputs}"
+        + (", sampled output rows" if sampled else ""),
+        caption="★ = Pareto front (no format has fewer bits and lower error). Errors are "
+        "element-weighted RMS over tensors of ||X(W-Ŵ)ᵀ||/||XWᵀ||.",
+        show_header=True,
+    )
+    table.add_column("", justify="center")
+    table.add_column("format")
+    table.add_column("family")
+    table.add_column("bits/elem", justify="right")
+    table.add_column("output rel. err", justify="right")
+    table.add_column("SQNR dB", justify="right")
+    table.add_column("weight rel. err", justify="right")
+    table.add_column("note")
+    for r in report.formats:
+        style = "bold" if r.pareto else None
+        table.add_row(
+            "★" if r.pareto else "",
+            r.name,
+            r.format.family,
+            "-" if r.bits is None else f"{r.bits:.3f}",
+            _err(r.rel_error),
+            _db(r.sqnr_db),
+            _err(r.weight_error),
+            r.note,
+            style=style,
+        )
+    return table
+
+
+def budget_table(report: CompareReport) -> Table:
+    table = Table(title="best at each budget (bits per element at most)", show_header=True)
+    table.add_column("budget", justify="right")
+    table.add_column("best UMQ config")
+    table.add_column("its error", justify="right")
+    table.add_column("best baseline")
+    table.add_column("its error", justify="right")
+    table.add_column("winner")
+    for b in report.budgets:
+        table.add_row(
+            f"{b.bits:.3f}",
+            b.best_umq or "(none fits)",
+            _err(b.best_umq_error),
+            b.best_baseline or "(none fits)",
+            _err(b.best_baseline_error),
+            b.winner or "-",
+        )
+    return table
+
+
+def tensor_table(report: CompareReport) -> Table:
+    """Per tensor: the most accurate format (UMQ or baseline) under each budget."""
+    table = Table(title="per tensor: output rel. error of the best format under each budget", show_header=True)
+    table.add_column("tensor")
+    table.add_column("shape", justify="right")
+    budgets = [b.bits for b in report.budgets]
+    for bits in budgets:
+        table.add_column(f"≤{bits:.2f}: best", overflow="fold")
+    for t in report.tensors:
+        cells = []
+        for bits in budgets:
+            fit = [
+                (r.per_tensor[t.name].rel_error, r.name)
+                for r in report.formats
+                if t.name in r.per_tensor and r.per_tensor[t.name].bits <= bits + 1e-9
+            ]
+            cells.append("-" if not fit else f"{min(fit)[1]} {min(fit)[0]:.2e}")
+        table.add_row(t.name, "x".join(map(str, t.shape)), *cells)
+    return table
