@@ -195,6 +195,8 @@ def _leftovers(parent: Path) -> list[str]:
         (".umq_scale", 0, torch.tensor([123.0]).numpy().tobytes(), "crc32"),
         # A NaN scale.
         (".umq_scale", 4, torch.tensor([float("nan")]).numpy().tobytes(), "scale"),
+        # fp8_e4m3 NaN codes (0x7F) over a whole group: some land in lo slots.
+        (".umq_data", 20, bytes([0x7F] * 10), "lo-code"),
     ],
 )
 def test_corrupted_tensor_fails_and_leaves_nothing(packed_dir: Path, tmp_path: Path, suffix, offset, value, rule) -> None:
@@ -316,3 +318,16 @@ def _write(path: Path, data: bytes) -> Path:
 def test_cli_bad_dtype_exits_2(packed_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["unpack", str(packed_dir), "-o", str(tmp_path / "o"), "--dtype", "int8"])
     assert result.exit_code == 2 and "--dtype" in result.stderr
+
+
+def test_decoded_values_beyond_the_requested_dtype_are_refused(tmp_path: Path) -> None:
+    """float32 weights up to ~1e6 decode fine to float32 but not to float16."""
+    weight = torch.randn(16, 32) * 1e5
+    save_file({"w": weight}, tmp_path / "big.safetensors")
+    pack(tmp_path / "big.safetensors", tmp_path / "big.umq.safetensors", with_error=False)
+    unpack(tmp_path / "big.umq.safetensors", tmp_path / "ok.safetensors")  # source dtype: fine
+    assert torch.isfinite(load_file(tmp_path / "ok.safetensors")["w"]).all()
+    with pytest.raises(UMQError) as info:
+        unpack(tmp_path / "big.umq.safetensors", tmp_path / "half.safetensors", dtype="float16")
+    assert info.value.rule == "non-finite" and "float16" in str(info.value) and info.value.tensor == "w"
+    assert not (tmp_path / "half.safetensors").exists() and _leftovers(tmp_path) == []

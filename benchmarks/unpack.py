@@ -1,0 +1,105 @@
+"""umq unpack: throughput and peak memory next to a plain safetensors load + save.
+
+Generates a checkpoint (float16 matrices, the largest ``--rows x --cols``), packs it
+(k=1, fp8_e4m3), then measures in fresh child processes, in the same run:
+
+- ``unpack``: :func:`umqcli.unpack.unpack` of the packed file back to float16;
+- ``safetensors copy``: ``safetensors.torch.load_file`` + ``save_file`` of the dense
+  file (the plain way to rewrite a checkpoint; it holds every tensor in memory);
+- ``import only``: the interpreter + torch + umq baseline, subtracted from both peaks.
+
+Reported: seconds, MB/s of dense output, peak RSS above the baseline next to the largest
+tensor's dense size. Nothing is asserted.
+
+    python benchmarks/unpack.py [--rows 8192] [--cols 8192] [--tensors 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+import umqcli.unpack
+from safetensors.torch import load_file, save_file
+torch.set_num_threads(int(sys.argv[4]))
+mode, src, out = sys.argv[1:4]
+start = time.perf_counter()
+if mode == "unpack":
+    umqcli.unpack.unpack(src, out, dtype="float16")
+elif mode == "copy":
+    save_file(load_file(src), out)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(mode: str, src: Path, out: Path, threads: int) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(src), str(out), str(threads)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--cols", type=int, default=8192)
+    parser.add_argument("--tensors", type=int, default=4, help="matrices of rows x cols / 2**i, i < tensors")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+
+    from umqcli.format import QuantParams
+    from umqcli.pack import pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dense = root / "dense.safetensors"
+        g = torch.Generator().manual_seed(0)
+        tensors = {
+            f"layers.{i}.weight": torch.randn(max(8, args.rows >> i), args.cols, generator=g).to(torch.float16)
+            for i in range(args.tensors)
+        }
+        tensors["norm.weight"] = torch.ones(args.cols, dtype=torch.float16)
+        largest = max(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, dense)
+        del tensors
+        packed = root / "packed.safetensors"
+        start = time.perf_counter()
+        pack(dense, packed, params=QuantParams(k=1), with_error=False)
+        pack_seconds = time.perf_counter() - start
+
+        base = child("none", dense, root / "x", args.threads)
+        runs = {
+            "unpack": child("unpack", packed, root / "unpacked.safetensors", args.threads),
+            "safetensors copy": child("copy", dense, root / "copied.safetensors", args.threads),
+        }
+        print(
+            f"checkpoint: {total / 1e6:.0f} MB float16 ({args.tensors} matrices, largest "
+            f"{args.rows}x{args.cols} = {largest / 1e6:.0f} MB), packed {packed.stat().st_size / 1e6:.0f} MB "
+            f"in {pack_seconds:.1f} s; {args.threads} thread(s); baseline RSS (python + torch + umq) "
+            f"{base['maxrss'] / 1e6:.0f} MB"
+        )
+        print(f"{'':>18} | {'seconds':>8} | {'MB/s out':>9} | {'peak RSS - baseline MB':>22} | {'/ largest tensor':>16}")
+        for name, run in runs.items():
+            extra = run["maxrss"] - base["maxrss"]
+            print(
+                f"{name:>18} | {run['seconds']:8.2f} | {total / 1e6 / run['seconds']:9.0f} | "
+                f"{extra / 1e6:22.0f} | {extra / largest:15.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()
