@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from umqcli import codec
+from umqcli import _fused, codec
 from umqcli.errors import UMQError
 from umqcli.format import (
     DATA_SUFFIX,
@@ -118,11 +118,13 @@ def test_vector_files_are_the_listed_ones(vectors_dir: Path) -> None:
     assert found == sorted(VECTOR_FILES + ["source.safetensors"])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 @pytest.mark.parametrize("file_name", VECTOR_FILES)
-def test_write_conformance(vectors_dir: Path, file_name: str) -> None:
-    """Write direction: quantizing each source tensor with the file's parameters gives
-    data/mask/scale bytes identical to the vector, and a ``umq.tensors`` entry with every
-    key of the vector's entry equal (the only extra key allowed is scale_rule=absmax)."""
+def test_write_conformance(vectors_dir: Path, file_name: str, fused: bool) -> None:
+    """Write direction, for the torch reference and the fused numba pass: quantizing
+    each source tensor with the file's parameters gives data/mask/scale bytes identical
+    to the vector, and a ``umq.tensors`` entry with every key of the vector's entry equal
+    (the only extra key allowed is scale_rule=absmax)."""
     source, _ = read_file(vectors_dir / "source.safetensors")
     packed_file, metadata = read_file(vectors_dir / file_name)
     entries = json.loads(metadata["umq.tensors"])
@@ -130,7 +132,7 @@ def test_write_conformance(vectors_dir: Path, file_name: str) -> None:
     assert set(entries) == {name for name, t in source.items() if t.dim() == 2}
     params = params_from_name(file_name)
     for name, entry in entries.items():
-        packed = codec.quantize(source[name], params, name=name)
+        packed = codec.quantize(source[name], params, name=name, fused=fused)
         stored = packed.stored_tensors(name)
         for suffix in (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX):
             expected = packed_file[name + suffix]
@@ -147,7 +149,8 @@ def test_write_conformance(vectors_dir: Path, file_name: str) -> None:
 def test_read_conformance(vectors_dir: Path, file_name: str) -> None:
     """Read direction: every vector tensor validates (crc included) and decodes to exactly
     the values of FORMAT §4 computed by :func:`reference_decode` (bit patterns compared, so
-    signed zeros count); hi positions are the source rounded to the hi dtype; the 1-D
+    signed zeros count), by the torch reference and by the fused pass; hi positions are
+    the source rounded to the hi dtype; the 1-D
     ``norm.bias`` is carried through unchanged and the codec refuses to quantize it."""
     source, _ = read_file(vectors_dir / "source.safetensors")
     packed_file, metadata = read_file(vectors_dir / file_name)
@@ -156,10 +159,11 @@ def test_read_conformance(vectors_dir: Path, file_name: str) -> None:
         data, mask, scale = (packed_file[name + s] for s in (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX))
         packed = codec.PackedTensor.from_stored(spec, data, mask, scale)
         packed.validate(name=name, check_crc=True)
-        decoded = codec.dequantize(packed)
-        assert decoded.dtype == source[name].dtype
         expected = reference_decode(spec, data.numpy(), mask.numpy(), scale.numpy())
-        assert raw_bytes(decoded) == expected.tobytes(), name
+        for fused in (False, True):
+            decoded = codec.dequantize(packed, fused=fused)
+            assert decoded.dtype == source[name].dtype
+            assert raw_bytes(decoded) == expected.tobytes(), (name, fused)
         hi_mask = codec.unpack_mask(mask)
         rounded = source[name].to(spec.hi.torch_dtype).to(decoded.dtype)
         assert torch.equal(decoded[hi_mask], rounded[hi_mask]), name
@@ -279,14 +283,24 @@ def test_quantize_properties(case) -> None:
     - each lo byte q satisfies |decode(q) - clamp(w / s)| <= half the lo grid spacing at
       clamp(w / s) (see :func:`_half_step`), with q = 0 where s == 0, and the division
       never leaves the range by more than float32 rounding (|w / s| <= MAX * (1 + 2**-22));
-    - lo positions decode to float32(decode(q) * s) cast to the source dtype.
+    - lo positions decode to float32(decode(q) * s) cast to the source dtype;
+    - the fused numba pass gives the same bytes and spec, and decodes to the same bits
+      (into the source dtype and into float32, float16 and bfloat16).
     """
     rows, cols, block, k, lo, dtype, seed, zero_rows = case
     weight = heavy_tailed(rows, cols, seed, dtype)
     if zero_rows:
         weight[0] = 0
     params = QuantParams(k=k, lo=lo, block=block)
-    packed = codec.quantize(weight, params)
+    packed = codec.quantize(weight, params, fused=False)
+    fused = codec.quantize(weight, params, fused=True)
+    assert fused.spec == packed.spec
+    for ours, ref in ((fused.data, packed.data), (fused.mask, packed.mask), (fused.scale, packed.scale)):
+        assert raw_bytes(ours) == raw_bytes(ref)
+    for out_dtype in (None, *_SOURCE_DTYPES):
+        assert raw_bytes(codec.dequantize(packed, out_dtype, fused=True)) == raw_bytes(
+            codec.dequantize(packed, out_dtype, fused=False)
+        ), out_dtype
     packed.validate()
     spec = packed.spec
     assert spec.hi.torch_dtype == (torch.float16 if dtype == torch.float32 else dtype)
@@ -294,7 +308,7 @@ def test_quantize_properties(case) -> None:
     assert bool((popcount == k).all())
     lo_bytes, hi_bits, mask = codec.deinterleave(packed)
     assert torch.equal(mask, codec.select_magnitude(weight.float(), k))
-    decoded = codec.dequantize(packed)
+    decoded = codec.dequantize(packed, fused=False)
     hi_expected = weight.to(spec.hi.torch_dtype).to(dtype)
     assert torch.equal(decoded[mask].view(torch.uint8) if dtype != torch.float32 else decoded[mask],
                        hi_expected[mask].view(torch.uint8) if dtype != torch.float32 else hi_expected[mask])
@@ -535,30 +549,37 @@ def test_unknown_version_refused() -> None:
     assert err.rule == "version" and err.file == "x.safetensors"
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", _SOURCE_DTYPES)
-def test_non_finite_input_refused(bad: float, dtype: torch.dtype) -> None:
+def test_non_finite_input_refused(bad: float, dtype: torch.dtype, fused: bool) -> None:
+    """NaN/inf anywhere (also in a lo position) is refused with rule finite, naming the
+    tensor and the element, by both paths."""
     weight = heavy_tailed(3, 16, 5, dtype)
     weight[2, 9] = bad
-    err = _rule(lambda: codec.quantize(weight, QuantParams(k=1), name="layer.w"))
+    err = _rule(lambda: codec.quantize(weight, QuantParams(k=1), name="layer.w", fused=fused))
     assert err.rule == "finite" and err.tensor == "layer.w" and "[2, 9]" in err.message
 
 
-def test_hi_overflow_float16_refused_and_auto_picks_bfloat16() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_hi_overflow_float16_refused_and_auto_picks_bfloat16(fused: bool) -> None:
     """float32 values beyond float16's range: hi=float16 is refused (rule hi-overflow,
-    nothing returned); hi auto resolves to bfloat16 and keeps them to bfloat16 precision."""
+    nothing returned); hi auto resolves to bfloat16 and keeps them to bfloat16 precision
+    (both paths; a value over 65504 in a lo position needs no hi and is fine)."""
     weight = heavy_tailed(4, 16, 9)
     weight[1, 3] = 1.0e6
     weight[2, 12] = -3.0e5
-    err = _rule(lambda: codec.quantize(weight, QuantParams(k=1, hi="float16"), name="w"))
+    err = _rule(lambda: codec.quantize(weight, QuantParams(k=1, hi="float16"), name="w", fused=fused))
     assert err.rule == "hi-overflow" and err.tensor == "w" and "[1, 3]" in err.message
-    packed = codec.quantize(weight, QuantParams(k=1))
+    packed = codec.quantize(weight, QuantParams(k=1), fused=fused)
     assert packed.spec.hi is HiFormat.BFLOAT16
     decoded = codec.dequantize(packed)
     assert decoded[1, 3].item() == torch.tensor(1.0e6).to(torch.bfloat16).item()
     assert decoded[2, 12].item() == torch.tensor(-3.0e5).to(torch.bfloat16).item()
     # Within range, auto keeps float16 for a float32 source.
-    assert codec.quantize(heavy_tailed(4, 16, 9), QuantParams(k=1)).spec.hi is HiFormat.FLOAT16
+    assert codec.quantize(heavy_tailed(4, 16, 9), QuantParams(k=1), fused=fused).spec.hi is HiFormat.FLOAT16
+    # k=0: the big values are lo, no hi overflow can happen.
+    assert codec.quantize(weight, QuantParams(k=0, hi="float16"), fused=fused).spec.hi is HiFormat.FLOAT16
 
 
 def test_bad_source_refused() -> None:
@@ -570,3 +591,80 @@ def test_bad_source_refused() -> None:
     assert _rule(lambda: codec.quantize(torch.ones(2, 8, dtype=torch.int32), QuantParams())).rule == "source-dtype"
     assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"))).rule == "activation-stats"
     assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"), act_sq=torch.ones(4))).rule == "activation-stats"
+
+
+# --------------------------------------------------------------------------- fused pass
+
+
+def test_fused_pass_is_installed() -> None:
+    """numba is part of the dev extra, so the fused pass must be active in the test run
+    (otherwise the fused=True tests above would fail with rule fused, not skip)."""
+    assert _fused.available()
+
+
+@pytest.mark.parametrize("lo", list(LoFormat))
+def test_fused_encoder_matches_torch_and_ml_dtypes(lo: LoFormat) -> None:
+    """The fused pass's integer/magic-number encoder gives the torch reference's byte
+    for every finite fp16 input clamped to [-MAX, MAX], for 200,000 random float32 bit
+    patterns in range, and for both signs of every power of two and its neighbours
+    around the subnormal/normal boundary (where rounding carries between the two)."""
+    values, _ = _all_fp16_finite()
+    values = values.clamp(-lo.max_value, lo.max_value)
+    gen = torch.Generator().manual_seed(5)
+    random32 = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    random32 = random32.view(torch.float32)
+    random32 = random32[torch.isfinite(random32) & (random32.abs() <= lo.max_value)]
+    powers = torch.exp2(torch.arange(-30, 16, dtype=torch.float32))
+    ulp = torch.tensor([-2, -1, 0, 1, 2], dtype=torch.int32)
+    edges = (powers.view(torch.int32).unsqueeze(1) + ulp).reshape(-1).view(torch.float32)
+    edges = torch.cat([edges, -edges]).clamp(-lo.max_value, lo.max_value)
+    for x in (values, random32, edges):
+        ours = _fused.encode_lo_array(x.numpy(), _fused.LO_CODES[lo.value])
+        np.testing.assert_array_equal(ours, codec.encode_lo(x, lo).numpy())
+
+
+@pytest.mark.parametrize("hi", list(HiFormat))
+def test_fused_float32_to_16bit_casts_match_torch(hi: HiFormat) -> None:
+    """The fused decoder's float32 -> float16/bfloat16 rounding equals torch's on every
+    product it can meet (each fp8/int8 code times random scales, including scales that
+    push products into float16's subnormal range and past its overflow), and on random
+    float32 bit patterns (NaN excluded)."""
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    products = [codes.view(lo.torch_dtype).float() for lo in LoFormat]
+    scales = torch.exp2(torch.empty(400).uniform_(-40, 12, generator=gen))
+    x = torch.cat([(p[torch.isfinite(p)].unsqueeze(1) * scales).reshape(-1) for p in products])
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([x, bits.view(torch.float32)])
+    x = x[~torch.isnan(x)]
+    ours = _fused.f32_to_16_array(x.numpy(), hi is HiFormat.BFLOAT16)
+    theirs = x.to(hi.torch_dtype).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_fused_large_tensor_matches_reference() -> None:
+    """Above FUSED_MIN_ELEMENTS the default path is the fused one: on a 256 x 512 fp16
+    heavy-tailed tensor (k=3, block 64) bytes, spec and decode equal the reference's."""
+    weight = heavy_tailed(256, 512, 8, torch.float16)
+    assert weight.numel() >= codec.FUSED_MIN_ELEMENTS
+    params = QuantParams(k=3, lo="fp8_e4m3", block=64)
+    default = codec.quantize(weight, params)
+    reference = codec.quantize(weight, params, fused=False)
+    assert default.spec == reference.spec
+    assert raw_bytes(default.data) == raw_bytes(reference.data)
+    assert raw_bytes(default.mask) == raw_bytes(reference.mask)
+    assert raw_bytes(default.scale) == raw_bytes(reference.scale)
+    assert raw_bytes(codec.dequantize(default)) == raw_bytes(codec.dequantize(default, fused=False))
+
+
+def test_fused_decoder_refuses_a_mask_beyond_the_payload() -> None:
+    """An unvalidated packed tensor whose mask has more than k bits (payload too short)
+    raises UMQError rule popcount in the fused decoder instead of reading past the row;
+    a mangled stored shape is refused before the kernel runs."""
+    packed = _packed(k=1)
+    mask = packed.mask.clone()
+    mask[3, 3] = 0xFF
+    bad = codec.PackedTensor.from_stored(packed.spec, packed.data, mask, packed.scale)
+    assert _rule(lambda: codec.dequantize(bad, fused=True)).rule == "popcount"
+    short = codec.PackedTensor.from_stored(packed.spec, packed.data[:, :-1], packed.mask, packed.scale)
+    assert _rule(lambda: codec.dequantize(short, fused=True)).rule == "stored-shape"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _fused
 from .errors import UMQError
 from .format import (
     DATA_SUFFIX,
@@ -118,7 +119,7 @@ def encode_lo(x: torch.Tensor, lo: LoFormat) -> torch.Tensor:
     limit = lo.max_value
     x = x.clamp(-limit, limit)
     if lo is LoFormat.INT8:
-        return torch.round(x).to(torch.int8).view(torch.uint8)
+        return torch.round_(x).to(torch.int8).view(torch.uint8)
     return x.to(lo.torch_dtype).view(torch.uint8)
 
 
@@ -143,9 +144,13 @@ def decode_hi(bits: torch.Tensor, hi: HiFormat) -> torch.Tensor:
 def select_magnitude(weight: torch.Tensor, k: int, salience: torch.Tensor | None = None) -> torch.Tensor:
     """bool ``[R, C]``: in each group the k largest ``|w|`` (or ``salience``) are hi.
 
-    Ties go to the lower position: each value is made unique by appending ``7 - i`` below
-    its bits (non-negative float32 order equals int32 bit-pattern order), so the rank of
-    every element is well defined and no tie-breaking depends on a sort's stability.
+    ``weight`` float ``[R, C]``; ``salience`` (optional) non-negative float ``[R, C]``.
+    Ties go to the lower position (FORMAT §5). For k <= 4 this takes k rounds of
+    ``argmax`` over each group, which returns the first (lowest) position among equal
+    maxima, and retires the winner with -1 (below every |w|). For k > 4 each value is
+    made unique by appending ``7 - i`` below its bits (non-negative float32 order equals
+    int32 bit-pattern order) and the k-th largest key is the threshold, so no tie
+    depends on a sort's stability.
     """
     rows, cols = weight.shape
     if k == 0:
@@ -153,6 +158,17 @@ def select_magnitude(weight: torch.Tensor, k: int, salience: torch.Tensor | None
     if k == GROUP:
         return torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     magnitude = weight.float().abs() if salience is None else salience.float()
+    if k <= GROUP // 2:
+        # abs() also maps -0.0 to +0.0, so signed zeros tie as they should.
+        remaining = magnitude.reshape(-1, GROUP)
+        if salience is not None:  # the caller's tensor: do not retire values in it
+            remaining = remaining.clone()
+        mask = torch.zeros(remaining.shape, dtype=torch.bool, device=weight.device)
+        for _ in range(k):  # k <= 4 rounds, each vectorised over all groups
+            winner = remaining.argmax(-1, keepdim=True)
+            mask.scatter_(1, winner, True)
+            remaining.scatter_(1, winner, -1.0)
+        return mask.view(rows, cols)
     # Clearing the sign also maps -0.0 to +0.0, so signed zeros tie as they should.
     bits = magnitude.view(torch.int32).bitwise_and(0x7FFFFFFF).to(torch.int64)
     positions = _POSITIONS.to(weight.device)
@@ -163,26 +179,39 @@ def select_magnitude(weight: torch.Tensor, k: int, salience: torch.Tensor | None
 
 
 def block_scales(weight32: torch.Tensor, mask: torch.Tensor, block: int, lo: LoFormat) -> torch.Tensor:
-    """float32 ``[R, C/block]``: absmax over each block's lo elements / MAX (FORMAT §4)."""
+    """float32 ``[R, C/block]``: absmax over each block's lo elements / MAX (FORMAT §4).
+
+    ``weight32`` float32 ``[R, C]``, ``mask`` bool ``[R, C]`` (True = hi, excluded)."""
     rows, cols = weight32.shape
     lo_abs = weight32.abs().masked_fill_(mask, 0.0)
     amax = lo_abs.view(rows, cols // block, block).amax(-1)
-    return amax / lo.max_value  # float32 / exact float32 constant: IEEE division
+    return amax.div_(lo.max_value)  # float32 / exact float32 constant: IEEE division
+
+
+def _per_block(scale: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 ``[R, C/block]`` -> a ``[R, C/block, 1]`` view that broadcasts over the
+    ``[R, C/block, block]`` view of a row-major ``[R, C]`` tensor (no repeat_interleave)."""
+    return scale.unsqueeze(-1)
 
 
 def quantize_lo(weight32: torch.Tensor, scale: torch.Tensor, block: int, lo: LoFormat) -> torch.Tensor:
-    """uint8 ``[R, C]``: every element encoded as lo under its block's scale (0 if scale 0)."""
+    """uint8 ``[R, C]``: every element encoded as lo under its block's scale (0 if scale 0).
+
+    ``weight32`` float32 ``[R, C]``; ``scale`` float32 ``[R, C/block]``."""
     rows, cols = weight32.shape
-    expanded = scale.repeat_interleave(block, dim=1) if scale.shape[1] != cols else scale
-    scaled = weight32 / expanded
-    scaled = scaled.masked_fill_(expanded == 0, 0.0)
-    return encode_lo(scaled, lo)
+    per_block = _per_block(scale, block)
+    scaled = weight32.view(rows, cols // block, block) / per_block
+    # x / 0 is inf or nan there; FORMAT §4 says q = 0 where the scale is 0.
+    scaled.masked_fill_(per_block == 0, 0.0)
+    return encode_lo(scaled.view(rows, cols), lo)
 
 
 def lo_error(weight32: torch.Tensor, scale: torch.Tensor, block: int, lo: LoFormat) -> torch.Tensor:
     """float32 ``[R, C]``: ``w - decode(encode(w / s)) * s`` for every element."""
-    q = quantize_lo(weight32, scale, block, lo)
-    return weight32 - decode_lo(q, lo) * scale.repeat_interleave(block, dim=1)
+    rows, cols = weight32.shape
+    decoded = decode_lo(quantize_lo(weight32, scale, block, lo), lo).view(rows, cols // block, block)
+    decoded.mul_(_per_block(scale, block))
+    return torch.sub(weight32, decoded.view(rows, cols), out=decoded.view(rows, cols))
 
 
 def select_error(
@@ -248,15 +277,13 @@ def select_error(
 
 
 def _check_source(weight: torch.Tensor) -> None:
-    if weight.dim() != 2:
-        raise UMQError(f"expected a 2-D tensor, got shape {tuple(weight.shape)}", rule="shape")
-    dtype_name(weight.dtype)
-    rows, cols = weight.shape
-    if rows == 0 or cols == 0 or cols % GROUP:
-        raise UMQError(
-            f"shape {tuple(weight.shape)}: the column count must be a positive multiple of 8",
-            rule="shape",
-        )
+    """Refuse what cannot be packed: not 2-D, C not a positive multiple of 8, a non-float
+    dtype (rules shape / source-dtype), a NaN or infinite value (rule finite)."""
+    _source_shape(weight)
+    # A sum is one cheap pass and is non-finite whenever an element is (it may also
+    # overflow on finite input: only then is the exact element-wise check needed).
+    if bool(torch.isfinite(weight.sum(dtype=torch.float32))):
+        return
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
@@ -320,6 +347,7 @@ def quantize(
     act_sq: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     name: str | None = None,
+    fused: bool | None = None,
 ) -> PackedTensor:
     """Quantize a 2-D float32/float16/bfloat16 tensor into its UMQ v1 representation.
 
@@ -327,8 +355,17 @@ def quantize(
     ``activation`` selection; ``mask`` (bool ``[R, C]``, exactly k True per group)
     overrides the selection. Raises :class:`UMQError` naming ``name`` and the rule for
     NaN/Inf input, a bad shape or a hi value that overflows the hi dtype.
+
+    ``fused``: None (default) uses the fused numba pass (:mod:`umqcli._fused`) for the
+    ``magnitude`` selection of a CPU tensor of at least :data:`FUSED_MIN_ELEMENTS`
+    elements when numba is installed, else the torch reference; True/False force one or
+    the other (False = always the reference). Both give identical bytes.
     """
     try:
+        if _use_fused(fused, weight.device, weight.numel()) and mask is None and params.selection is Selection.MAGNITUDE:
+            packed = _quantize_fused(weight, params)
+            if packed is not None:
+                return packed
         return _quantize(weight, params, act_sq, mask)
     except UMQError as exc:
         raise exc.located(tensor=name)
@@ -360,6 +397,76 @@ def _quantize(weight, params, act_sq, mask) -> PackedTensor:
     lo_bytes = quantize_lo(weight32, scale, block, params.lo)
     data = interleave(lo_bytes, hi_bits, mask, params.k)
     mask_bytes = mask_bits(mask)
+    spec = TensorSpec(
+        shape=(rows, cols),
+        dtype=dtype_name(weight.dtype),
+        k=params.k,
+        lo=params.lo,
+        hi=hi,
+        block=block,
+        selection=params.selection.value,
+        scale_rule=params.scale_rule.value,
+        crc32={"data": crc32(data), "mask": crc32(mask_bytes), "scale": crc32(scale)},
+    )
+    return PackedTensor(data=data, mask=mask_bytes, scale=scale, spec=spec)
+
+
+# Below this many elements the torch reference is fast enough that the fused pass's
+# one-off cost per process (loading or compiling the numba code) does not pay.
+FUSED_MIN_ELEMENTS = 1 << 16
+
+
+def _use_fused(fused: bool | None, device: torch.device, elements: int) -> bool:
+    """Whether to run the fused numba pass: ``fused`` True forces it (UMQError if numba
+    is missing), False refuses it, None picks it for CPU tensors of at least
+    :data:`FUSED_MIN_ELEMENTS` elements when numba is installed and UMQ_FUSED != 0."""
+    if fused is False or device.type != "cpu":
+        return False
+    if fused:
+        if not _fused.available():
+            raise UMQError("the fused codec needs numba (pip install 'umq[fast]')", rule="fused")
+        return True
+    return elements >= FUSED_MIN_ELEMENTS and _fused.available()
+
+
+def _source_shape(weight: torch.Tensor) -> None:
+    """The shape/dtype half of :func:`_check_source` (the fused pass checks finiteness)."""
+    if weight.dim() != 2:
+        raise UMQError(f"expected a 2-D tensor, got shape {tuple(weight.shape)}", rule="shape")
+    dtype_name(weight.dtype)
+    rows, cols = weight.shape
+    if rows == 0 or cols == 0 or cols % GROUP:
+        raise UMQError(
+            f"shape {tuple(weight.shape)}: the column count must be a positive multiple of 8",
+            rule="shape",
+        )
+
+
+def _quantize_fused(weight: torch.Tensor, params: QuantParams) -> PackedTensor | None:
+    """The magnitude selection in one fused pass; None when the reference path must run
+    to raise its error (non-finite input, hi overflow) with the exact location."""
+    _source_shape(weight)
+    rows, cols = weight.shape
+    block = params.resolve_block(cols)
+    if params.hi is not None:
+        choices = [params.hi]
+    elif weight.dtype == torch.float32:  # auto: float16 unless a hi value overflows it
+        choices = [HiFormat.FLOAT16, HiFormat.BFLOAT16]
+    else:
+        choices = [HiFormat.FLOAT16 if weight.dtype == torch.float16 else HiFormat.BFLOAT16]
+    weight = weight.contiguous()
+    for hi in choices:
+        hi_bits = weight.view(torch.int16) if weight.dtype == hi.torch_dtype else encode_hi(weight, hi)
+        data, mask_bytes, scale, status = _fused.quantize_magnitude(
+            weight, hi_bits, params.k, block, params.lo.value, hi.value
+        )
+        worst = int(status.max())
+        if worst == 0:
+            break
+        if worst == 1:
+            return None  # a non-finite value: the reference check names it
+    else:
+        return None  # hi overflow: the reference raises it (or picks bfloat16)
     spec = TensorSpec(
         shape=(rows, cols),
         dtype=dtype_name(weight.dtype),
@@ -477,16 +584,50 @@ def deinterleave(packed: PackedTensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return low, hi_bits, mask
 
 
-def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused: bool | None = None) -> torch.Tensor:
     """Decode to the source dtype (or ``dtype``): hi values as stored, lo values as
-    ``decode(q) * scale`` in float32, then cast (FORMAT §4)."""
+    ``decode(q) * scale`` in float32, then cast (FORMAT §4). Returns ``[R, C]``.
+
+    ``fused``: as in :func:`quantize` (None: the fused numba pass for large CPU tensors
+    when numba is installed; False: the torch reference). Both give identical values.
+    """
     spec = packed.spec
-    low, hi_bits, mask = deinterleave(packed)
-    scale = packed.scale.repeat_interleave(spec.block, dim=1)
-    lo_values = decode_lo(low, spec.lo) * scale
     target = dtype or spec.torch_dtype
+    if _use_fused(fused, packed.data.device, spec.rows * spec.columns) and target in _fused.OUT_CODES:
+        _check_stored_layout(packed)
+        out, bad_rows = _fused.dequantize(
+            packed.data, packed.mask, packed.scale, spec.k, spec.block, spec.lo.value, spec.hi.value, target
+        )
+        if bad_rows:
+            raise UMQError(
+                f"a mask row has more than k={spec.k} hi bits per group: the payload is too short",
+                rule="popcount",
+            )
+        return out
+    rows, cols = spec.shape
+    low, hi_bits, mask = deinterleave(packed)
+    lo_values = decode_lo(low, spec.lo).view(rows, cols // spec.block, spec.block)
+    lo_values = lo_values.mul_(_per_block(packed.scale, spec.block)).view(rows, cols)
     hi_values = decode_hi(hi_bits, spec.hi).to(target)
     return torch.where(mask, hi_values, lo_values.to(target))
+
+
+def _check_stored_layout(packed: PackedTensor) -> None:
+    """Dtypes and shapes of the stored tensors (the part of :func:`validate` that the
+    fused decoder's memory safety depends on)."""
+    spec = packed.spec
+    for suffix, tensor, dtype in (
+        (DATA_SUFFIX, packed.data, torch.uint8),
+        (MASK_SUFFIX, packed.mask, torch.uint8),
+        (SCALE_SUFFIX, packed.scale, torch.float32),
+    ):
+        expected = spec.stored_shapes()[suffix]
+        if tensor.dtype != dtype or tuple(tensor.shape) != expected:
+            raise UMQError(
+                f"{suffix[1:]} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {expected} "
+                f"for shape {list(spec.shape)}, k={spec.k}, block={spec.block}",
+                rule="stored-shape" if tensor.dtype == dtype else "stored-dtype",
+            )
 
 
 def weight_error(weight: torch.Tensor, packed: PackedTensor) -> float:
