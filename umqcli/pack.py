@@ -246,9 +246,12 @@ def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int,
     packed = quantize(weight, params, act_sq=state.act_sq, name=name)
     err_sq = norm_sq = 0.0
     if with_error:
-        w = weight.double()
-        norm_sq = float(w.square().sum())
-        err_sq = float((w - dequantize(packed, torch.float32).double()).square().sum())
+        # float32 dot products (BLAS accumulates in blocks): ~3x cheaper than float64 and
+        # within 1e-5 relative of it, plenty for a reported error.
+        w = weight.float().view(-1)
+        diff = dequantize(packed, torch.float32).view(-1).sub_(w)
+        norm_sq = float(torch.dot(w, w))
+        err_sq = float(torch.dot(diff, diff))
     return packed, err_sq, norm_sq
 
 
