@@ -35,9 +35,9 @@ from xml.etree import ElementTree
 
 import torch
 
-from .backends import get_backend
+from .backends import Backend, get_backend
 from .baselines import fake_quant_fp8_channel, fake_quant_int8_channel
-from .codec import PackedTensor, deinterleave, encode_hi
+from .codec import PackedTensor, dequantize, encode_hi, unpack_mask
 from .errors import UMQError
 from .format import DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX, TensorSpec
 from .io import Checkpoint, open_checkpoint
@@ -244,16 +244,24 @@ def select_names(specs: Iterable[str], patterns: Sequence[str]) -> list[str]:
 
 def check_hi_values(packed: PackedTensor, source: torch.Tensor, *, name: str, file: Path) -> int:
     """Every stored hi value equals the source value rounded to the hi dtype, bit for
-    bit (FORMAT §4). Returns how many hi values were compared."""
+    bit (FORMAT §4). Returns how many hi values were compared.
+
+    Compared through the float32 decode: hi -> float32 is exact and injective, so equal
+    float32 bit patterns mean equal 16-bit patterns (and the decode is the codec's
+    fastest path, while a separate de-interleave would cost a second gather).
+    """
     spec = packed.spec
-    _, hi_bits, mask = deinterleave(packed)
-    expected = encode_hi(source, spec.hi)
-    wrong = mask & (hi_bits != expected)
+    mask = unpack_mask(packed.mask)
+    decoded = dequantize(packed, torch.float32).view(torch.int32)
+    expected = source.to(spec.hi.torch_dtype).to(torch.float32).view(torch.int32)
+    wrong = mask & (decoded != expected)
     if bool(wrong.any()):
         r, c = wrong.nonzero()[0].tolist()
+        stored = encode_hi(decoded.view(torch.float32)[r, c], spec.hi)
+        rounded = encode_hi(source[r, c], spec.hi)
         raise UMQError(
-            f"hi value at [{r}, {c}] is stored as 0x{int(hi_bits[r, c]) & 0xFFFF:04x} but the "
-            f"reference value {source[r, c].item()!r} rounds to 0x{int(expected[r, c]) & 0xFFFF:04x} "
+            f"hi value at [{r}, {c}] is stored as 0x{int(stored) & 0xFFFF:04x} but the "
+            f"reference value {source[r, c].item()!r} rounds to 0x{int(rounded) & 0xFFFF:04x} "
             f"in {spec.hi.value} ({int(wrong.sum())} hi values differ): this file was not packed from that reference",
             rule="reference-hi",
             file=file,
@@ -309,7 +317,7 @@ def verify(
     *,
     reference: str | Path | None = None,
     activations: str | Path | None = None,
-    backend: str = "auto",
+    backend: "str | Backend" = "auto",
     rows: int = DEFAULT_ROWS,
     max_rel_error: float = DEFAULT_MAX_REL_ERROR,
     tensors: Sequence[str] = (),
@@ -322,7 +330,7 @@ def verify(
     - ``activations``: a stats file from ``umq calibrate``; its ``sample`` rows replace
       the Gaussian rows for the tensors it covers (up to ``rows`` of them).
     - ``backend``: ``"auto"``, ``"torch"`` or ``"cuda"`` (``"cuda"`` without a device is
-      a :class:`UMQError`).
+      a :class:`UMQError`), or a backend object (e.g. the CUDA backend on the CPU shim).
     - ``tensors``: name patterns restricting the check (globs or ``re:`` regexes).
 
     Raises :class:`UMQError` for anything invalid (integrity, a mismatched reference, bad
@@ -333,7 +341,7 @@ def verify(
         raise UMQError(f"--rows must be at least 1, got {rows}", rule="rows")
     if not (max_rel_error >= 0.0 and math.isfinite(max_rel_error)):
         raise UMQError(f"--max-rel-error must be a finite number >= 0, got {max_rel_error}", rule="tolerance")
-    compute = get_backend(backend)
+    compute = get_backend(backend) if isinstance(backend, str) else backend
     stats = None
     if activations is not None:
         from .stats import load_stats
@@ -425,8 +433,6 @@ def _verify_tensor(checkpoint, ref_ckpt, stats, compute, name, rows, seed, max_r
             baselines[baseline] = OutputError.between(y_base, y_ref)
         reference = "source"
     else:
-        from .codec import dequantize
-
         y_ref = x @ dequantize(packed, torch.float32).T
         reference = "decoded"
     return TensorResult(
