@@ -403,8 +403,9 @@ class NF4(Baseline):
         return {"block": self.block, "double_quant": self.double_quant}
 
     def row_local(self, shape):
-        # Blocks run over the flattened tensor: they stay inside rows when C divides.
-        return shape[1] % self.block == 0
+        # Blocks run over the flattened tensor: they stay inside rows when C divides; the
+        # double-quantized absmaxes share 8-bit scales across 256 blocks, i.e. across rows.
+        return shape[1] % self.block == 0 and not self.double_quant
 
     def quantize_dequantize(self, w, act_absmax=None):
         import bitsandbytes.functional as bnbf

@@ -629,6 +629,7 @@ def compare_checkpoint(
 
     results = {f.name: FormatResult(f) for f in formats}
     skipped_formats: dict[str, str] = {}
+    skip_counts: dict[str, int] = {}
     tensors: list[TensorInfo] = []
     for info, measured, skipped in outcomes:
         tensors.append(info)
@@ -636,10 +637,14 @@ def compare_checkpoint(
             results[fmt_name].per_tensor[info.name] = result
         for fmt_name, reason in skipped.items():
             skipped_formats.setdefault(fmt_name, f"{info.name}: {reason}")
+            skip_counts[fmt_name] = skip_counts.get(fmt_name, 0) + 1
     ordered = list(results.values())
     for r in ordered:
         if r.name in skipped_formats:
-            r.note = skipped_formats[r.name]
+            r.note = (
+                f"not applicable to {skip_counts[r.name]} of {len(tensors)} tensors "
+                f"({skipped_formats[r.name]}); no aggregate"
+            )
     aggregate(ordered, tensors)
     present = [r for r in ordered if r.per_tensor]
     present.sort(key=lambda r: (r.bits if r.bits is not None else math.inf, r.rel_error or 0.0))

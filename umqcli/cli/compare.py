@@ -133,13 +133,13 @@ def format_table(report: CompareReport) -> Table:
         show_header=True,
     )
     table.add_column("", justify="center")
-    table.add_column("format")
-    table.add_column("family")
+    table.add_column("format", no_wrap=True)
+    table.add_column("family", no_wrap=True)
     table.add_column("bits/elem", justify="right")
     table.add_column("output rel. err", justify="right")
     table.add_column("SQNR dB", justify="right")
     table.add_column("weight rel. err", justify="right")
-    table.add_column("note")
+    table.add_column("note", overflow="fold")
     for r in report.formats:
         style = "bold" if r.pareto else None
         table.add_row(
@@ -159,11 +159,11 @@ def format_table(report: CompareReport) -> Table:
 def budget_table(report: CompareReport) -> Table:
     table = Table(title="best at each budget (bits per element at most)", show_header=True)
     table.add_column("budget", justify="right")
-    table.add_column("best UMQ config")
+    table.add_column("best UMQ config", no_wrap=True)
     table.add_column("its error", justify="right")
-    table.add_column("best baseline")
+    table.add_column("best baseline", no_wrap=True)
     table.add_column("its error", justify="right")
-    table.add_column("winner")
+    table.add_column("winner", no_wrap=True)
     for b in report.budgets:
         table.add_row(
             f"{b.bits:.3f}",
