@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .codec import PackedTensor, dequantize, quantize, weight_error
 from .errors import UMQError
 from .format import FORMAT_VERSION, HiFormat, LoFormat, QuantParams, ScaleRule, Selection, TensorSpec
+from .nn import UMQLinear, load_hf
 
 __all__ = [
     "FORMAT_VERSION",
@@ -23,8 +24,10 @@ __all__ = [
     "Selection",
     "TensorSpec",
     "UMQError",
+    "UMQLinear",
     "__version__",
     "dequantize",
+    "load_hf",
     "quantize",
     "weight_error",
 ]
