@@ -657,14 +657,15 @@ def test_fused_large_tensor_matches_reference() -> None:
     assert raw_bytes(codec.dequantize(default)) == raw_bytes(codec.dequantize(default, fused=False))
 
 
-def test_fused_decoder_refuses_a_mask_beyond_the_payload() -> None:
+def test_decoders_refuse_a_mask_beyond_the_payload() -> None:
     """An unvalidated packed tensor whose mask has more than k bits (payload too short)
-    raises UMQError rule popcount in the fused decoder instead of reading past the row;
-    a mangled stored shape is refused before the kernel runs."""
+    raises UMQError rule popcount in both decoders (the fused one would otherwise read
+    past the row); a mangled stored shape is refused before any decoding."""
     packed = _packed(k=1)
     mask = packed.mask.clone()
     mask[3, 3] = 0xFF
     bad = codec.PackedTensor.from_stored(packed.spec, packed.data, mask, packed.scale)
-    assert _rule(lambda: codec.dequantize(bad, fused=True)).rule == "popcount"
     short = codec.PackedTensor.from_stored(packed.spec, packed.data[:, :-1], packed.mask, packed.scale)
-    assert _rule(lambda: codec.dequantize(short, fused=True)).rule == "stored-shape"
+    for fused in (True, False):
+        assert _rule(lambda: codec.dequantize(bad, fused=fused)).rule == "popcount"
+        assert _rule(lambda: codec.dequantize(short, fused=fused)).rule == "stored-shape"

@@ -496,19 +496,48 @@ def byte_offsets(mask: torch.Tensor, k: int) -> torch.Tensor:
     return (base + _POSITIONS.to(mask.device) + hi_before).view(rows, cols)
 
 
+_LAYOUT_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _layout_tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per mask byte (256 rows), the FORMAT §3 layout of one group, as int64 tables:
+
+    - ``low`` ``[256, 8]``: offset of position i's first byte, ``i + popcount(m & ((1<<i)-1))``;
+    - ``high`` ``[256, 8]``: that offset + 1, clamped into the group (used by hi only);
+    - ``slots`` ``[256, 8 + k]``: for each payload byte, its slot in the group's 16
+      ``(first byte, high byte)`` pairs, i.e. the gather that interleaves (rows of masks
+      whose popcount is not k are filled with 0 and never used).
+
+    A 256-row lookup replaces per-element cumsum/offset arithmetic.
+    """
+    key = (k, str(device))
+    if key not in _LAYOUT_TABLES:
+        masks = torch.arange(256, dtype=torch.int64).unsqueeze(1)
+        bits = (masks >> _POSITIONS) & 1
+        low = _POSITIONS + bits.cumsum(1) - bits
+        high = (low + 1).clamp_(max=GROUP + k - 1)
+        keep = torch.stack((torch.ones_like(bits), bits), -1).view(256, 2 * GROUP).bool()
+        slots = torch.zeros(256, GROUP + k, dtype=torch.int64)
+        valid = bits.sum(1) == k
+        slots[valid] = keep[valid].nonzero()[:, 1].view(-1, GROUP + k)
+        _LAYOUT_TABLES[key] = (low.to(device), high.to(device), slots.to(device))
+    return _LAYOUT_TABLES[key]
+
+
 def interleave(lo_bytes: torch.Tensor, hi_bits: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Assemble the payload: uint8 ``[R, G * (8 + k)]`` from per-element lo bytes, hi
-    int16 patterns and the hi mask (all ``[R, C]``)."""
+    """Assemble the payload: uint8 ``[R, G * (8 + k)]`` from per-element lo bytes (uint8),
+    hi int16 patterns and the hi mask (bool), all ``[R, C]``, every group with k hi.
+
+    Each element becomes a (first byte, high byte) pair, ``[R, G, 16]``; one gather per
+    group through the mask byte's slot table keeps the payload bytes in order."""
     rows, cols = mask.shape
-    width = cols // GROUP * (GROUP + k)
-    offsets = byte_offsets(mask, k)
-    first = torch.where(mask, (hi_bits & 0xFF).to(torch.uint8), lo_bytes)
-    # One spare column takes the high-byte writes of lo elements; every such write lands on
-    # the next element's first byte, which the second scatter then overwrites.
-    data = torch.empty(rows, width + 1, dtype=torch.uint8, device=mask.device)
-    data.scatter_(1, offsets + 1, ((hi_bits >> 8) & 0xFF).to(torch.uint8))
-    data.scatter_(1, offsets, first)
-    return data[:, :width].contiguous()
+    groups = cols // GROUP
+    _, _, slots = _layout_tables(k, mask.device)
+    hi_bytes = hi_bits.view(torch.uint8).view(rows, cols, 2)  # little-endian pattern
+    first = torch.where(mask, hi_bytes[..., 0], lo_bytes)
+    pairs = torch.stack((first, hi_bytes[..., 1]), -1).view(rows, groups, 2 * GROUP)
+    index = slots[mask_bits(mask).long()]
+    return pairs.gather(-1, index).view(rows, groups * (GROUP + k))
 
 
 # --------------------------------------------------------------------------- decode
@@ -573,15 +602,18 @@ def _invalid_lo(q: torch.Tensor, lo: LoFormat) -> torch.Tensor:
 
 def deinterleave(packed: PackedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`interleave`: (lo bytes uint8, hi int16 patterns, hi mask bool),
-    each ``[R, C]``; entries not used by an element's kind are meaningless."""
+    each ``[R, C]``; entries not used by an element's kind are meaningless. Offsets come
+    from the per-mask-byte tables of :func:`_layout_tables` (FORMAT §3)."""
     spec = packed.spec
-    mask = unpack_mask(packed.mask)
-    offsets = byte_offsets(mask, spec.k)
-    padded = torch.nn.functional.pad(packed.data, (0, 1))
-    low = padded.gather(1, offsets)
-    high = padded.gather(1, offsets + 1)
-    hi_bits = low.to(torch.int16) | (high.to(torch.int16) << 8)
-    return low, hi_bits, mask
+    rows, cols = spec.shape
+    groups = cols // GROUP
+    low_table, high_table, _ = _layout_tables(spec.k, packed.data.device)
+    mask_index = packed.mask.long()
+    groups_data = packed.data.reshape(rows, groups, GROUP + spec.k)
+    low = groups_data.gather(-1, low_table[mask_index]).view(rows, cols)
+    high = groups_data.gather(-1, high_table[mask_index]).view(rows, cols)
+    hi_bits = torch.stack((low, high), -1).view(torch.int16).view(rows, cols)
+    return low, hi_bits, unpack_mask(packed.mask)
 
 
 def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused: bool | None = None) -> torch.Tensor:
@@ -605,6 +637,9 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused:
             )
         return out
     rows, cols = spec.shape
+    _check_stored_layout(packed)
+    if bool((POPCOUNT.to(packed.mask.device)[packed.mask.long()] != spec.k).any()):
+        raise UMQError(f"a mask byte does not have exactly k={spec.k} bits set", rule="popcount")
     low, hi_bits, mask = deinterleave(packed)
     lo_values = decode_lo(low, spec.lo).view(rows, cols // spec.block, spec.block)
     lo_values = lo_values.mul_(_per_block(packed.scale, spec.block)).view(rows, cols)
