@@ -11,8 +11,8 @@ method's alone, read with ``getrusage(RUSAGE_SELF).ru_maxrss``):
 - ``copy``: plain safetensors copy (``load_file`` + ``save_file`` per shard);
 - ``fp8``: a plain torch per-channel FP8 pipeline: read each shard, every 2-D float
   tensor -> absmax/448 row scale, cast to float8_e4m3fn, ``save_file`` the shard;
-- ``pack``: ``umqcli.pack.pack`` (k=1, fp8_e4m3, one scale per row) with its worker
-  thread, measuring each tensor's error as the CLI does;
+- ``pack``: ``umqcli.pack.pack`` (k=1, fp8_e4m3, one scale per row) with its default
+  two worker threads, measuring each tensor's error as the CLI does;
 - ``pack-noerr``: the same without the error measurement;
 - ``pack-serial``: no worker thread (everything on the calling thread).
 
@@ -107,7 +107,7 @@ def run_method(method: str, src: Path, out: Path) -> dict:
             save_file(result, str(out / f.name), metadata={"format": "pt"})
     else:
         pack(src, out, params=QuantParams(k=1), with_error=method != "pack-noerr",
-             workers=0 if method == "pack-serial" else 1)
+             workers=0 if method == "pack-serial" else 2)
     seconds = time.perf_counter() - started
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"seconds": seconds, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

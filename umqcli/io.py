@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,7 @@ class Checkpoint:
         self.is_dir = self.path.is_dir()
         self.index: dict[str, Any] | None = None
         self._handles: dict[Path, BinaryIO] = {}
+        self._lock = threading.Lock()
         if self.is_dir:
             files = self._resolve_dir()
         else:
@@ -401,10 +403,11 @@ class Checkpoint:
         return file.relative_to(self.path).as_posix() if self.is_dir else file.name
 
     def _handle(self, file: Path) -> BinaryIO:
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = open(file, "rb")
-        return handle
+        with self._lock:  # worker threads read concurrently; open each file once
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = open(file, "rb")
+            return handle
 
     def _read_into(self, entry: TensorEntry, offset: int, buffer: torch.Tensor) -> None:
         """Fill uint8 ``buffer`` from ``entry``'s bytes starting ``offset`` bytes in.

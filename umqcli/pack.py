@@ -10,9 +10,9 @@ The job, for a source file or Hugging Face model directory:
 3. Quantized tensors are processed in slabs of rows (rows are independent in FORMAT v1:
    scales are per row-block, groups never cross rows), read straight from the file,
    quantized, and written at their final offsets; the crc32s are chained across slabs.
-   Peak memory is a few slabs, whatever the tensor or model size. A worker thread
-   reads and quantizes the next slab while the calling thread writes the previous one
-   (torch's own intra-op threads split each quantize across the cores).
+   Peak memory is a few slabs, whatever the tensor or model size. Worker threads
+   read and quantize the next slabs while the calling thread writes (and crc32s) the
+   previous one, in order, so the bytes never depend on the thread timing.
 4. Pass-through tensors are copied byte for byte, in chunks.
 5. For a directory: packed shards under the source's shard names, a rewritten index, a
    ``config.json`` with ``quantization_config``, and every other file copied.
@@ -271,7 +271,7 @@ def pack(
     progress: ProgressCallback | None = None,
     with_error: bool = True,
     slab_elements: int = SLAB_ELEMENTS,
-    workers: int = 1,
+    workers: int = 2,
 ) -> PackSummary:
     """Pack ``src`` (a .safetensors file or HF model directory) into ``out``.
 
@@ -282,8 +282,9 @@ def pack(
       ``activation`` selection (``umq calibrate`` writes them).
     - ``with_error``: measure each tensor's relative weight error (decodes every slab).
     - ``slab_elements``: rows per slab are ``slab_elements // C`` (memory vs. overhead).
-    - ``workers``: background threads reading + quantizing ahead of the writer (0 = do
-      everything on the calling thread).
+    - ``workers``: background threads reading + quantizing slabs ahead of the writer (0 =
+      everything on the calling thread). Two pay on two cores: the fused quantize and the
+      error measurement of one slab do not keep both cores busy on their own.
 
     Raises :class:`UMQError` for bad input; OS errors (disk full) and ``KeyboardInterrupt``
     propagate. In every failure case no output and no temporary file remain.
