@@ -69,7 +69,7 @@ def test_umq_values_equal_codec_round_trip(dtype):
         mask, hi = umq_select(w, params, act_sq, cache)
         assert torch.equal(mask, expected_mask), umq_name(params)
         assert hi is expected_hi is packed.spec.hi
-        ours = umq_values(w, params, mask, hi)
+        ours = umq_values(w, params, mask, hi, cache)
         assert torch.equal(ours, codec.dequantize(packed).float()), umq_name(params)
         assert params.bits_per_element(w.shape[1]) == pytest.approx(packed.bits_per_element)
 

@@ -109,35 +109,53 @@ def default_formats(with_activations: bool) -> list[Format]:
 
 
 def umq_values(
-    weight: torch.Tensor, params: QuantParams, mask: torch.Tensor, hi: HiFormat
+    weight: torch.Tensor,
+    params: QuantParams,
+    mask: torch.Tensor,
+    hi: HiFormat,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """float32 ``[R, C]``: what ``dequantize(quantize(weight, params, mask=mask))`` decodes,
-    from the codec's scale and rounding functions (no byte interleaving, no CRC)."""
-    weight32 = weight.float()
+    from the codec's scale and rounding functions (no byte interleaving, no CRC).
+
+    ``cache`` (one dict per weight, shared with :func:`umq_select`) keeps the float32
+    weight and the decoded hi values of each hi format, which every config reuses.
+    """
+    cache = {} if cache is None else cache
+    weight32 = _cached(cache, "weight32", weight.float)
     block = params.resolve_block(weight.shape[1])
     scale = codec.block_scales(weight32, mask, block, params.lo)
     lo_values = codec.decode_lo(codec.quantize_lo(weight32, scale, block, params.lo), params.lo)
     lo_values = (lo_values * scale.repeat_interleave(block, dim=1)).to(weight.dtype)
-    hi_values = codec.decode_hi(codec.encode_hi(weight, hi), hi).to(weight.dtype)
+    hi_values = _cached(
+        cache, ("hi", hi), lambda: codec.decode_hi(codec.encode_hi(weight, hi), hi).to(weight.dtype)
+    )
     return torch.where(mask, hi_values, lo_values).float()
+
+
+def _cached(cache: dict, key: Any, make: Callable[[], Any]) -> Any:
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def umq_select(
     weight: torch.Tensor,
     params: QuantParams,
     act_sq: torch.Tensor | None,
-    cache: dict[int, tuple[torch.Tensor, HiFormat]],
+    cache: dict,
 ) -> tuple[torch.Tensor, HiFormat]:
     """The hi mask and hi format that ``codec.select(weight, params, act_sq=act_sq)``
     returns (``tests/test_compare.py`` checks it), computed from the codec's own
-    ``select_magnitude`` / ``resolve_hi`` / ``select_error``. The magnitude mask of each
-    ``k`` and the hi format resolved from it are cached in ``cache``: they depend on
-    neither the lo format nor the block, and ``codec.select`` recomputes them for every
-    error/activation selection."""
-    if params.k not in cache:
-        magnitude = codec.select_magnitude(weight.float(), params.k)
-        cache[params.k] = (magnitude, codec.resolve_hi(weight, magnitude, params.hi))
-    magnitude, hi = cache[params.k]
+    ``select_magnitude`` / ``resolve_hi`` / ``select_error``.
+
+    ``cache`` (one dict per weight) keeps what does not depend on the lo format or the
+    block: the magnitude mask of each ``k`` and the hi format resolved from it, and
+    whether the whole weight is finite in float16 (then auto-hi is float16 for any mask
+    of a float32 weight, and ``resolve_hi`` need not look at each new mask).
+    """
+    weight32 = _cached(cache, "weight32", weight.float)
+    magnitude, hi = _cached(cache, ("magnitude", params.k, params.hi), lambda: _magnitude(weight, weight32, params))
     if params.selection is Selection.MAGNITUDE or params.k in (0, GROUP):
         return magnitude, hi
     channel = None
@@ -146,10 +164,16 @@ def umq_select(
             return codec.select(weight, params, act_sq=act_sq)  # raises the codec's error
         channel = act_sq
     block = params.resolve_block(weight.shape[1])
-    mask = codec.select_error(weight.float(), params.k, block, params.lo, hi, channel)
+    mask = codec.select_error(weight32, params.k, block, params.lo, hi, channel)
     if params.hi is None and weight.dtype == torch.float32:
-        hi = codec.resolve_hi(weight, mask, None)
+        all_fp16 = _cached(cache, "all_fp16", lambda: bool(torch.isfinite(weight.to(torch.float16)).all()))
+        hi = HiFormat.FLOAT16 if all_fp16 else codec.resolve_hi(weight, mask, None)
     return mask, hi
+
+
+def _magnitude(weight: torch.Tensor, weight32: torch.Tensor, params: QuantParams) -> tuple[torch.Tensor, HiFormat]:
+    mask = codec.select_magnitude(weight32, params.k)
+    return mask, codec.resolve_hi(weight, mask, params.hi)
 
 
 # --------------------------------------------------------------------------- results
@@ -366,7 +390,7 @@ def measure_tensor(
     sampled = weight.index_select(0, index) if index.numel() < rows else weight
     reference = sampled.float()
     y = x @ reference.T
-    masks: dict[int, tuple[torch.Tensor, HiFormat]] = {}
+    cache: dict = {}  # per-weight work shared by the UMQ configs
     results: dict[str, TensorResult] = {}
     skipped: dict[str, str] = {}
     for fmt in formats:
@@ -375,8 +399,8 @@ def measure_tensor(
             if cols % (params.block or cols):
                 skipped[fmt.name] = f"block {params.block} does not divide {cols} columns"
                 continue
-            mask, hi = umq_select(sampled, params, act_sq, masks)
-            approx = umq_values(sampled, params, mask, hi)
+            mask, hi = umq_select(sampled, params, act_sq, cache)
+            approx = umq_values(sampled, params, mask, hi, cache)
             bits = params.bits_per_element(cols)
         else:
             baseline = fmt.baseline
