@@ -404,7 +404,8 @@ class _PackJob:
         pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 0 else None
         pending: deque[Future] = deque()
         next_submit = 0
-        lookahead = max(1, self.workers) + 1
+        # Slabs in flight: one per worker plus one ready for the writer (memory bound).
+        lookahead = self.workers + 1 if pool is not None else 1
 
         def submit_ahead() -> None:
             nonlocal next_submit
