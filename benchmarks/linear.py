@@ -53,12 +53,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:  # the fused numba decode (umqcli._fused) has its own thread pool: same count
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
 
     torch.manual_seed(0)
     backend = get_backend("torch")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, k={args.k}, lo=fp8_e4m3, "
-        f"one scale per row, UMQ_FUSED={os.environ.get('UMQ_FUSED', 'default')}, median of {args.repeat}"
+        f"one scale per row, UMQ_FUSED={os.environ.get('UMQ_FUSED', 'default')}, median of {args.repeat}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     header = (
         f"{'M x C x R':>18} | {'nn.Linear ms':>12} | {'UMQLinear ms':>12} {'(x)':>6} | "
