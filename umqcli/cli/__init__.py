@@ -12,6 +12,7 @@ from . import pack  # noqa: F401,E402
 from . import inspect  # noqa: F401,E402
 from . import unpack  # noqa: F401,E402
 from . import verify  # noqa: F401,E402
+from . import calibrate  # noqa: F401,E402
 
 
 def main() -> None:
