@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals can be multi-GB tensors
     add_completion=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
 )
 
 console = Console()
