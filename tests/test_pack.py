@@ -120,7 +120,8 @@ def test_minilm_roundtrip(minilm_packed) -> None:
             # Gaussian-like row, less with the largest element of each group kept 16-bit.
             assert error < 0.03, (name, error)
             result = next(t for t in summary.packed if t.name == name)
-            assert result.rel_error == pytest.approx(error, rel=1e-6)
+            assert result.rel_error == pytest.approx(error, rel=1e-5)
+            assert result.error_rows == source[name].shape[0]  # small tensors: every row
             worst = max(worst, error)
         assert summary.error_worst.rel_error == pytest.approx(worst, rel=1e-6)
         # Slab-wise packing gives exactly the bytes of one whole-tensor quantize.
@@ -252,6 +253,18 @@ def test_fp32_beyond_fp16(tmp_path: Path) -> None:
     assert packed.spec.hi is HiFormat.BFLOAT16 and whole.spec == packed.spec
     assert torch.equal(packed.data, whole.data)
     assert summary.packed[0].rel_error == pytest.approx(_rel_error(weight, dequantize(whole)), rel=1e-6)
+
+
+def test_large_slab_error_is_row_sampled(tmp_path: Path) -> None:
+    weight = torch.randn(2048, 1024, generator=torch.Generator().manual_seed(5)).half()
+    src = tmp_path / "big.safetensors"
+    save_file({"w": weight}, str(src))
+    summary = pack(src, tmp_path / "out.safetensors")
+    (result,) = summary.packed
+    assert result.error_rows == 1024  # 2 Mi elements in one slab: every 2nd row
+    exact = _rel_error(weight, dequantize(quantize(weight, QuantParams())))
+    assert result.rel_error == pytest.approx(exact, rel=0.01)
+    assert result.to_json()["rel_error_rows"] == 1024
 
 
 def test_int_and_3d_pass_through_cli(tmp_path: Path) -> None:

@@ -57,6 +57,8 @@ from .recipe import Recipe
 # Elements per slab: big enough that per-call overheads vanish, small enough that the
 # quantize temporaries (~30 bytes per element) stay near 100 MB.
 SLAB_ELEMENTS = 1 << 22
+# Slabs up to this many elements have their error measured on every row (_slab_error).
+ERROR_EXACT_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class TensorResult:
     spec: TensorSpec | None = None
     rel_error: float | None = None  # ||W - W_hat|| / ||W||, packed tensors only
     predicted_rel_error: float | None = None
+    error_rows: int = 0  # rows the error was measured on (all, or a stride sample)
 
     @property
     def bits_per_element(self) -> float:
@@ -112,6 +115,7 @@ class TensorResult:
             spec = self.spec.to_json()
             obj["params"] = {key: spec[key] for key in ("k", "lo", "hi", "block", "selection", "scale_rule")}
             obj["rel_error"] = self.rel_error
+            obj["rel_error_rows"] = self.error_rows
             obj["predicted_rel_error"] = self.predicted_rel_error
         return obj
 
@@ -227,6 +231,7 @@ class _TensorState:
     crc: dict[str, int] = field(default_factory=lambda: {"data": 0, "mask": 0, "scale": 0})
     err_sq: float = 0.0
     norm_sq: float = 0.0
+    error_rows: int = 0
     first_spec: TensorSpec | None = None
     rows_done: int = 0
     finished: bool = False
@@ -238,21 +243,37 @@ def _slabs(rows: int, cols: int, slab_elements: int) -> list[tuple[int, int]]:
 
 
 def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int, int], hi: HiFormat | None,
-                   with_error: bool) -> tuple[PackedTensor, float, float]:
-    """Read rows ``r0:r1`` and quantize them; also the squared error and norm (float64)."""
+                   with_error: bool) -> tuple[PackedTensor, float, float, int]:
+    """Read rows ``r0:r1`` and quantize them; also the squared error, the squared norm and
+    how many rows they were measured on (see :func:`_slab_error`)."""
     name = state.plan.name
     weight = checkpoint.get(name, rows=rows)
     params = state.plan.params if hi is None else state.plan.params.with_(hi=hi)
     packed = quantize(weight, params, act_sq=state.act_sq, name=name)
-    err_sq = norm_sq = 0.0
-    if with_error:
-        # float32 dot products (BLAS accumulates in blocks): ~3x cheaper than float64 and
-        # within 1e-5 relative of it, plenty for a reported error.
-        w = weight.float().view(-1)
-        diff = dequantize(packed, torch.float32).view(-1).sub_(w)
-        norm_sq = float(torch.dot(w, w))
-        err_sq = float(torch.dot(diff, diff))
-    return packed, err_sq, norm_sq
+    if not with_error:
+        return packed, 0.0, 0.0, 0
+    return (packed, *_slab_error(weight, packed))
+
+
+def _slab_error(weight: torch.Tensor, packed: PackedTensor) -> tuple[float, float, int]:
+    """(sum (w - w_hat)^2, sum w^2, rows measured) over a slab ``weight`` ``[r, C]``.
+
+    Slabs up to ``ERROR_EXACT_ELEMENTS`` are measured on every row. Larger ones on every
+    ``s``-th row (``s = elements // ERROR_EXACT_ELEMENTS``, so at least that many
+    elements per slab): decoding costs as much as quantizing, and a million elements
+    per slab pin a relative error far below the digits reported. Sums are float32 dot
+    products (BLAS accumulates in blocks; within 1e-4 relative of float64).
+    """
+    rows, cols = weight.shape
+    stride = max(1, (rows * cols) // ERROR_EXACT_ELEMENTS)
+    if stride > 1:
+        sampled = weight[::stride]
+        packed = PackedTensor(packed.data[::stride], packed.mask[::stride], packed.scale[::stride],
+                              replace(packed.spec, shape=(sampled.shape[0], cols)))
+        weight = sampled
+    w = weight.float().reshape(-1)
+    diff = dequantize(packed, torch.float32).reshape(-1).sub_(w)
+    return float(torch.dot(diff, diff)), float(torch.dot(w, w)), weight.shape[0]
 
 
 # --------------------------------------------------------------------------- pack
@@ -464,7 +485,7 @@ class _PackJob:
         self._report(item.name)
 
     def _write_slab(self, writer: SafetensorsWriter, state: _TensorState, rows: tuple[int, int],
-                    packed: PackedTensor, err_sq: float, norm_sq: float) -> None:
+                    packed: PackedTensor, err_sq: float, norm_sq: float, error_rows: int) -> None:
         name = state.plan.name
         if state.first_spec is None:
             state.first_spec = packed.spec
@@ -473,10 +494,10 @@ class _PackJob:
             # The rule is per tensor, so redo the whole tensor with bfloat16.
             self._redo_bfloat16(writer, state)
             return
-        self._store(writer, state, rows, packed, err_sq, norm_sq)
+        self._store(writer, state, rows, packed, err_sq, norm_sq, error_rows)
 
     def _store(self, writer: SafetensorsWriter, state: _TensorState, rows: tuple[int, int],
-               packed: PackedTensor, err_sq: float, norm_sq: float) -> None:
+               packed: PackedTensor, err_sq: float, norm_sq: float, error_rows: int) -> None:
         name = state.plan.name
         r0, r1 = rows
         for suffix, tensor, key in ((DATA_SUFFIX, packed.data, "data"), (MASK_SUFFIX, packed.mask, "mask"),
@@ -486,6 +507,7 @@ class _PackJob:
             state.crc[key] = zlib.crc32(tensor.contiguous().view(torch.uint8).numpy(), state.crc[key])
         state.err_sq += err_sq
         state.norm_sq += norm_sq
+        state.error_rows += error_rows
         state.rows_done += r1 - r0
         self.bytes_done += (r1 - r0) * (state.plan.bytes_in // state.plan.shape[0])
         self._report(name)
@@ -500,13 +522,15 @@ class _PackJob:
             writer.rewind(name + suffix)
         state.crc = {"data": 0, "mask": 0, "scale": 0}
         state.err_sq = state.norm_sq = 0.0
+        state.error_rows = 0
         state.rows_done = 0
         state.hi = HiFormat.BFLOAT16
         for rows in state.slabs:
-            packed, err_sq, norm_sq = _quantize_slab(self.checkpoint, state, rows, HiFormat.BFLOAT16, self.with_error)
+            packed, err_sq, norm_sq, error_rows = _quantize_slab(self.checkpoint, state, rows, HiFormat.BFLOAT16,
+                                                                 self.with_error)
             if rows == state.slabs[0]:
                 state.first_spec = packed.spec
-            self._store(writer, state, rows, packed, err_sq, norm_sq)
+            self._store(writer, state, rows, packed, err_sq, norm_sq, error_rows)
 
     def _finish(self, writer: SafetensorsWriter, state: _TensorState) -> TensorSpec:
         item = state.plan
@@ -519,6 +543,7 @@ class _PackJob:
         self.results[item.name] = TensorResult(
             item.name, "packed", item.entry.dtype, item.shape, item.bytes_in, spec.stored_bytes, item.reason,
             spec=spec, rel_error=rel_error, predicted_rel_error=item.predicted_rel_error,
+            error_rows=state.error_rows,
         )
         self._report(item.name)
         return spec
