@@ -256,6 +256,23 @@ def test_load_hf_refuses_a_plain_model_dir(minilm) -> None:
     assert info.value.rule == "quantization-config"
 
 
+def test_load_hf_refuses_umq_config_without_packed_tensors(minilm, tmp_path) -> None:
+    """A quantization_config that lies (plain weights) must not load with random linears."""
+    fake = tmp_path / "fake"
+    shutil.copytree(minilm["fp32"], fake)
+    config = json.loads((fake / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "umq", "format_version": 1}
+    (fake / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UMQError) as info:
+        load_hf(fake)
+    assert info.value.rule == "not-packed" and info.value.file == str(fake)
+
+
+def test_packed_model_refuses_save_pretrained(minilm_models, tmp_path) -> None:
+    with pytest.raises(ValueError, match="not serializable"):
+        minilm_models["packed"].save_pretrained(tmp_path / "saved")
+
+
 def test_load_hf_refuses_a_corrupted_packed_tensor(minilm, tmp_path) -> None:
     from umqcli.io import read_header
 

@@ -466,6 +466,14 @@ def register_hf() -> None:
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             # The packed tensors' specs live in the safetensors headers, not in config.json.
             specs = _checkpoint_specs(checkpoint_files or [])
+            if not specs:
+                # Loading on would leave every linear weight missing, i.e. randomly
+                # initialised, with only a log line from transformers.
+                raise UMQError(
+                    "config.json says quant_method 'umq' but no safetensors header lists "
+                    f"packed tensors (umq.tensors) in {len(checkpoint_files or [])} file(s)",
+                    rule="not-packed",
+                )
             self.decode_on_load: dict[str, TensorSpec] = {}
             for name, spec in specs.items():
                 module_name, module = _module_for(model, name)
@@ -489,7 +497,9 @@ def register_hf() -> None:
             return model
 
         def is_serializable(self, **kwargs) -> bool:
-            return True
+            # save_pretrained would write the packed buffers without the umq.tensors
+            # header metadata that makes them readable: refuse (pack the source instead).
+            return False
 
         @property
         def is_trainable(self) -> bool:
