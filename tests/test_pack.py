@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from checkpoints import make_sharded_checkpoint, minilm_dir, tree_digest
 from umqcli.cli import app
 from umqcli.codec import dequantize, quantize
-from umqcli.format import HiFormat, QuantParams, Selection, decode_metadata
+from umqcli.format import HiFormat, QuantParams
 from umqcli.io import SafetensorsWriter, open_checkpoint, read_header
 from umqcli.pack import PackProgress, _PackJob, pack
 
