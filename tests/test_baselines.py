@@ -129,6 +129,21 @@ def test_int8_channel_matches_bitsandbytes():
     assert int(q.abs().max()) == 127
 
 
+def test_int8_group_matches_bitsandbytes_per_group():
+    from umqcli.baselines import bitsandbytes_functional
+
+    bnbf = bitsandbytes_functional()
+    w = _weight(rows=16, cols=128).to(torch.float16)
+    w[5, :32] = 1.0  # no all-zero group (bitsandbytes makes those NaN)
+    ours = get_baseline("int8-g32").quantize_dequantize(w)
+    q_ref, absmax_ref, _ = bnbf.int8_vectorwise_quant(w.reshape(-1, 32).clone(), threshold=0.0)
+    ref = bnbf.int8_vectorwise_dequant(q_ref, absmax_ref).float().view(16, 128)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    # Finer scales than one per row: never a larger error on any row.
+    row = fake_quant_int8_channel(w)
+    assert bool(((ours - w.float()).norm(dim=1) <= (row - w.float()).norm(dim=1) * (1 + 1e-6)).all())
+
+
 def test_int8_channel_zero_row_is_zero():
     w = _weight()
     out = fake_quant_int8_channel(w)
@@ -232,6 +247,7 @@ def test_bits_accounting():
         "mxfp8_e4m3": 8 + 8 / 32,
         "mxfp8_e5m2": 8 + 8 / 32,
         "int8-channel": 8 + 32 / 1536,
+        "int8-g32": 8 + 32 / 32,
         "int4-g32": 4.5,
         "int4-g64": 4.25,
         "int4-g128": 4.125,

@@ -10,7 +10,7 @@ Every baseline is a frozen :class:`Baseline` with
 
 The registry :data:`BASELINES` (name -> Baseline) holds the seed list: FP8 E4M3/E5M2 per
 output channel, FP8 E4M3 in 1x128 and 128x128 blocks (DeepSeek-V3), MXFP8 (OCP MX v1.0),
-INT8 per output channel (absmax), LLM.int8() (bitsandbytes int8 vector-wise + fp16
+INT8 per output channel (absmax) and per 32 columns, LLM.int8() (bitsandbytes int8 vector-wise + fp16
 outlier input columns; needs activation statistics), INT4 group-wise symmetric
 (32/64/128), NF4 in blocks of 64 (bitsandbytes, with and without double quantization),
 and fp16/bf16 casts as 16-bit references.
@@ -52,6 +52,23 @@ _E8M0_MIN_EXP, _E8M0_MAX_EXP = -127, 127  # 0xFF is NaN and never written
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def bitsandbytes_functional():
+    """``bitsandbytes.functional``, imported without its CPU-backend warning about an
+    optional hub kernel for 4-bit *matmuls* (``gemm_4bit_forward``), which nothing here
+    uses: quantize/dequantize run on bitsandbytes' own CPU ops either way."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    finally:
+        logger.setLevel(level)
+    return bnbf
+
 
 
 def _check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
@@ -300,6 +317,31 @@ class Int8Channel(Baseline):
         return 8.0 + 32.0 / shape[1]
 
 
+@dataclass(frozen=True)
+class Int8Group(Baseline):
+    """INT8 symmetric absmax with one float32 scale per ``group`` consecutive input
+    columns: UMQ's k = 0 values without the mask byte (not a seed format; the fair
+    reference for what UMQ's hi elements add beyond finer scales)."""
+
+    group: int = 32
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"group": self.group, "scale": "fp32 absmax/127"}
+
+    def unsupported(self, shape):
+        return None if shape[1] % self.group == 0 else f"{self.group} does not divide {shape[1]} columns"
+
+    def quantize_dequantize(self, w, act_absmax=None):
+        w32 = _check_weight(w, self.name)
+        rows, cols = w32.shape
+        _check_divides(cols, self.group, self.name)
+        return fake_quant_int8_channel(w32.reshape(-1, self.group)).view(rows, cols)
+
+    def bits_per_element(self, shape, act_absmax=None):
+        return 8.0 + 32.0 / self.group
+
+
 def llm_int8_outlier_columns(act_absmax: torch.Tensor, threshold: float = LLM_INT8_THRESHOLD) -> torch.Tensor:
     """int64 ``[n]``: input channels whose activation absmax exceeds ``threshold``."""
     return torch.nonzero(act_absmax.float() > threshold).view(-1)
@@ -334,8 +376,7 @@ class LLMInt8(Baseline):
         return llm_int8_outlier_columns(act_absmax, self.threshold)
 
     def quantize_dequantize(self, w, act_absmax=None):
-        import bitsandbytes.functional as bnbf
-
+        bnbf = bitsandbytes_functional()
         w32 = _check_weight(w, self.name)
         outliers = self._outliers(w32.shape[1], act_absmax)
         w16 = w32.to(torch.float16)
@@ -408,8 +449,7 @@ class NF4(Baseline):
         return shape[1] % self.block == 0 and not self.double_quant
 
     def quantize_dequantize(self, w, act_absmax=None):
-        import bitsandbytes.functional as bnbf
-
+        bnbf = bitsandbytes_functional()
         w32 = _check_weight(w, self.name).contiguous()
         packed, state = bnbf.quantize_4bit(
             w32, blocksize=self.block, compress_statistics=self.double_quant, quant_type="nf4"
@@ -437,6 +477,7 @@ def _registry() -> dict[str, Baseline]:
         MXFP8("mxfp8_e4m3", "mxfp8", "e4m3", 32),
         MXFP8("mxfp8_e5m2", "mxfp8", "e5m2", 32),
         Int8Channel("int8-channel", "int8"),
+        Int8Group("int8-g32", "int8", 32),
         LLMInt8("llm.int8", "llm.int8"),
         Int4Group("int4-g32", "int4", 32),
         Int4Group("int4-g64", "int4", 64),

@@ -614,7 +614,9 @@ def compare_checkpoint(
     if formats is None:
         formats = default_formats(with_activations=stats is not None)
     if any(f.baseline is not None and f.baseline.library == "bitsandbytes" for f in formats):
-        import bitsandbytes.functional  # noqa: F401  (import once, not racing in workers)
+        from .baselines import bitsandbytes_functional
+
+        bitsandbytes_functional()  # import once here, not racing in the worker threads
 
     with open_checkpoint(src) as checkpoint:
         names, skipped_tensors = select_tensors(checkpoint, patterns, stats)
