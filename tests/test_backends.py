@@ -113,3 +113,12 @@ def test_gpu_matmul_within_float32_bound(cuda_backend, m, rows, cols):
     y = cuda_backend.matmul(x.cuda(), packed).cpu()
     reference = x.double() @ dequantize(packed, torch.float32).double().T
     assert float(((y.double() - reference).abs() - dot_error_bound(x, packed)).max()) <= 0
+
+
+@pytest.mark.skipif(cuda_available(), reason="a CUDA device is present")
+def test_cupy_runner_without_device_is_a_clear_error():
+    from umqcli.backends.cuda import CupyRunner
+
+    with pytest.raises(UMQError) as info:
+        CupyRunner()
+    assert info.value.rule == "backend" and "unavailable" in str(info.value)

@@ -100,6 +100,10 @@ def unavailable_reason() -> str:
 # --------------------------------------------------------------------------- CuPy runner
 
 
+# (source file, device index) -> compiled RawModule, shared by every runner of the process.
+_MODULES: dict[tuple[str, int], object] = {}
+
+
 class CupyRunner:
     """Launches the kernels on the current CUDA device with CuPy.
 
@@ -114,18 +118,16 @@ class CupyRunner:
 
         self._cupy = cupy
         self.device = device or torch.device("cuda", torch.cuda.current_device())
-        self._modules: dict[str, object] = {}
 
     def module(self, source: str):
-        """The compiled ``RawModule`` of ``kernels/<source>`` (compiled once)."""
-        if source not in self._modules:
+        """The compiled ``RawModule`` of ``kernels/<source>`` (compiled once per device)."""
+        key = (source, self.device.index)
+        if key not in _MODULES:
             directory = kernel_dir()
             code = (directory / source).read_text()
             with self._cupy.cuda.Device(self.device.index):
-                self._modules[source] = self._cupy.RawModule(
-                    code=code, options=("--std=c++17", f"-I{directory}")
-                )
-        return self._modules[source]
+                _MODULES[key] = self._cupy.RawModule(code=code, options=("--std=c++17", f"-I{directory}"))
+        return _MODULES[key]
 
     def launch(self, source, kernel, grid, block, args) -> None:
         cupy = self._cupy
