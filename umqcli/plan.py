@@ -173,7 +173,7 @@ def quantizable(entry: TensorEntry) -> str | None:
     if entry.dtype not in FLOAT_CODES:
         return f"dtype {entry.dtype} is not a float type umq quantizes (F32, F16, BF16)"
     if len(entry.shape) != 2:
-        return f"{len(entry.shape)}-D (shape {list(entry.shape)}); only 2-D matrices are quantized"
+        return f"{len(entry.shape)}-D; only 2-D matrices are quantized"
     rows, cols = entry.shape
     if rows == 0 or cols == 0:
         return f"empty (shape {list(entry.shape)})"
