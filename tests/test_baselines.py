@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import ml_dtypes
 import numpy as np
@@ -83,19 +82,41 @@ def test_fp8_e5m2_clamps_instead_of_overflowing():
     assert float(out[0, 0]) == pytest.approx(61000.0, rel=2**-2)
 
 
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-def test_mxfp8_matches_torchao(fmt):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
-    dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt]
+def _np_mx_roundtrip(w: torch.Tensor, np_dtype, emax_elem: int, limit: float, block: int = 32):
+    """OCP MX v1.0 (section 6.3), written independently in numpy + ml_dtypes: the shared
+    scale is ``2^(floor(log2 amax) - emax_elem)`` stored as E8M0 (ml_dtypes'
+    float8_e8m0fnu; the exponent is found with ``np.log2`` and corrected to be exact),
+    elements are ``v / X`` clipped to the element range and cast with ml_dtypes."""
+    a = w.numpy().astype(np.float32).reshape(w.shape[0], -1, block)
+    amax = np.abs(a).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(amax.astype(np.float64)))
+    # log2 can round across an integer just below a power of two: fix by checking 2^e.
+    e = np.where(np.exp2(e) > amax, e - 1, e)
+    e = np.where(np.exp2(e + 1) <= amax, e + 1, e)
+    shared = np.clip(np.where(amax == 0, -127, e - emax_elem), -127, 127)
+    scale_e8m0 = np.exp2(shared).astype(ml_dtypes.float8_e8m0fnu)
+    scale = scale_e8m0.astype(np.float32)
+    assert np.array_equal(scale, np.exp2(shared).astype(np.float32))  # E8M0 holds it exactly
+    q = np.clip(a / scale, -limit, limit).astype(np_dtype).astype(np.float32)
+    return (q * scale).reshape(w.shape), shared.reshape(w.shape[0], -1).astype(np.int32)
+
+
+@pytest.mark.parametrize(("fmt", "np_dtype", "emax", "limit"), [
+    ("e4m3", ml_dtypes.float8_e4m3fn, 8, 448.0),
+    ("e5m2", ml_dtypes.float8_e5m2, 15, 57344.0),
+])
+def test_mxfp8_matches_numpy_ml_dtypes_reference(fmt, np_dtype, emax, limit):
+    # (Also checked once against torchao 0.18's prototype to_mx/to_dtype: bit-identical on
+    # these tensors; torchao is not a test dependency because transformers imports it
+    # whenever it is installed.)
     w = _weight(rows=64, cols=256)
     w[1, :32] = torch.tensor([2.0**k for k in range(32)]) * 1e-30  # tiny block: scale near E8M0's floor
-    scale_e8m0, data = to_mx(w, dtype, 32)
-    ref = to_dtype(data, scale_e8m0, dtype, 32, torch.float32)
-    torch.testing.assert_close(fake_quant_mx(w, fmt), ref.float(), rtol=0, atol=0)
-    ref_exponents = scale_e8m0.view(torch.uint8).view(64, -1).to(torch.int32) - 127
-    assert torch.equal(mx_scale_exponents(w, fmt), ref_exponents)
+    w[2, :32] = torch.nextafter(torch.tensor(2.0), torch.tensor(0.0))  # just below a power of two
+    w[4, :32] = 0.0
+    ref, ref_exponents = _np_mx_roundtrip(w, np_dtype, emax, limit)
+    np.testing.assert_array_equal(fake_quant_mx(w, fmt).numpy(), ref)
+    np.testing.assert_array_equal(mx_scale_exponents(w, fmt).numpy(), ref_exponents)
 
 
 def test_mxfp8_scale_rule_by_hand():

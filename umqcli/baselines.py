@@ -17,7 +17,7 @@ and fp16/bf16 casts as 16-bit references.
 
 Where a real library runs on the CPU it is used (bitsandbytes for NF4 and the int8
 vector-wise path, torch for the fp8 casts); the others are implemented here and checked
-against a library in ``tests/test_baselines.py`` (ml_dtypes casts, torchao's MX
+against a library in ``tests/test_baselines.py`` (ml_dtypes casts, an ml_dtypes MX
 reference, bitsandbytes' int8 vector-wise quantizer).
 
 The small functions :func:`fake_quant_fp8_channel`, :func:`fake_quant_int8_channel`,
