@@ -209,9 +209,11 @@ if numba is not None:
             byte = mask_row[g]
             base = g * 8
             for i in range(8):
-                hi = (byte >> i) & 1
-                h = hi_row[base + i]
-                buf[offset] = (h & 0xFF) if hi else codes[base + i]
+                hi = np.int64((byte >> i) & 1)
+                h = np.int64(hi_row[base + i])
+                code = np.int64(codes[base + i])
+                # Select by arithmetic, not a branch: the mask bits are data.
+                buf[offset] = code ^ ((code ^ (h & 0xFF)) & -hi)
                 buf[offset + 1] = h >> 8
                 offset += 1 + hi
         for c in range(data_row.shape[0]):
@@ -278,13 +280,17 @@ if numba is not None:
                     high = data[r, min(offset + 1, width - 1)]
                     offset += 1 + hi
                     pattern = np.int64(low) | (np.int64(high) << 8)
+                    # Both values are computed and one is selected (the mask bits are
+                    # data: a branch on them would mispredict).
                     lo_value = lo_table[low] * s
+                    hi_value = hi_table[pattern]
                     if out_kind == 0:
-                        out32[r, c] = hi_table[pattern] if hi else lo_value
+                        out32[r, c] = hi_value if hi else lo_value
                     elif hi_same:
-                        out16[r, c] = pattern if hi else (_f32_to_f16(lo_value) if out_kind == 1 else _f32_to_bf16(lo_value))
+                        lo16 = _f32_to_f16(lo_value) if out_kind == 1 else _f32_to_bf16(lo_value)
+                        out16[r, c] = lo16 ^ ((lo16 ^ pattern) & -np.int64(hi))
                     else:
-                        value = hi_table[pattern] if hi else lo_value
+                        value = hi_value if hi else lo_value
                         out16[r, c] = _f32_to_f16(value) if out_kind == 1 else _f32_to_bf16(value)
 
 

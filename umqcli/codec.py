@@ -249,8 +249,9 @@ def select_error(
     if weights is not None:
         candidates.append(select_magnitude(weight32, k, weight32.abs() * weights.sqrt()))
     hi_err_sq = (weight32 - weight32.to(hi.torch_dtype).float()).square_()
-    gain = lo_error(weight32, block_scales(weight32, candidates[-1], block, lo), block, lo).square_()
-    gain -= hi_err_sq
+    seed = candidates[-1]
+    seed_lo_err_sq = lo_error(weight32, block_scales(weight32, seed, block, lo), block, lo).square_()
+    gain = seed_lo_err_sq - hi_err_sq
     if weights is not None:
         gain *= weights
     # Gains may be negative (hi rounding worse than lo): shift so the order is kept.
@@ -259,9 +260,11 @@ def select_error(
     del gain
 
     def blockwise_error(mask: torch.Tensor) -> torch.Tensor:
-        scale = block_scales(weight32, mask, block, lo)
-        err = lo_error(weight32, scale, block, lo).square_()
-        err = torch.where(mask, hi_err_sq, err)
+        if mask is seed:  # its lo errors are the ones the gain was computed from
+            lo_err_sq = seed_lo_err_sq
+        else:
+            lo_err_sq = lo_error(weight32, block_scales(weight32, mask, block, lo), block, lo).square_()
+        err = torch.where(mask, hi_err_sq, lo_err_sq)
         if weights is not None:
             err *= weights
         return err.view(rows, cols // block, block).sum(-1)
@@ -293,9 +296,10 @@ def _check_source(weight: torch.Tensor) -> None:
         )
 
 
-def resolve_hi(weight: torch.Tensor, mask: torch.Tensor, hi: HiFormat | None) -> HiFormat:
+def resolve_hi(weight: torch.Tensor, mask: torch.Tensor | None, hi: HiFormat | None) -> HiFormat:
     """``hi=None`` (auto): the source dtype for 16-bit sources; for float32 sources
-    float16 when every hi value is finite in float16, else bfloat16."""
+    float16 when every hi value (``mask`` bool [R, C], needed only then) is finite in
+    float16, else bfloat16."""
     if hi is not None:
         return hi
     if weight.dtype == torch.float16:
@@ -331,8 +335,10 @@ def select(
                 f"activation statistics have shape {tuple(act_sq.shape)}, expected ({weight.shape[1]},)",
                 rule="activation-stats",
             )
-    # The gain uses the hi rounding error, so resolve hi from the magnitude mask first.
-    hi = resolve_hi(weight, select_magnitude(weight32, params.k), params.hi)
+    # The gain uses the hi rounding error, so resolve hi from the magnitude mask first
+    # (only a float32 source with hi auto needs the mask for that).
+    needs_mask = params.hi is None and weight.dtype == torch.float32
+    hi = resolve_hi(weight, select_magnitude(weight32, params.k) if needs_mask else None, params.hi)
     channel = act_sq if params.selection is Selection.ACTIVATION else None
     mask = select_error(weight32, params.k, block, params.lo, hi, channel)
     if params.hi is None and weight.dtype == torch.float32:
