@@ -301,7 +301,7 @@ def test_load_hf_in_bfloat16_keeps_scales_float32(minilm, minilm_models) -> None
     reference = minilm_models["packed"].encoder.layer[0].intermediate.dense
     assert torch.equal(layer.weight.umq_data, reference.weight.umq_data)
     tokenizer = minilm_models["tokenizer"]
-    sentences = _sentences()[:8]
+    sentences = _sentences()[:4]  # bfloat16 attention is slow on the CPU: keep it short
     bf16 = _embed(model, tokenizer, sentences)
     fp32 = _embed(minilm_models["packed"], tokenizer, sentences)
     assert bf16.dtype == torch.bfloat16

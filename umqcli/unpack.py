@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .codec import POPCOUNT, PackedTensor, dequantize
+from .codec import POPCOUNT, PackedTensor, crc32, dequantize
 from .errors import UMQError
 from .format import (
     DATA_SUFFIX,
@@ -240,26 +240,49 @@ def _check_stored(checkpoint: Checkpoint, name: str, spec: TensorSpec, file: Pat
             )
 
 
-def row_slabs(packed: PackedTensor, rows_per_slab: int) -> Iterator[tuple[int, PackedTensor]]:
-    """``(first_row, slab)`` views of consecutive row ranges of an in-memory ``packed``;
-    each slab is a PackedTensor of shape ``[n, C]`` (rows are independent in FORMAT v1:
-    groups and scale blocks never cross a row). Its crc32 entries are the whole tensor's."""
-    spec = packed.spec
-    for start in range(0, spec.rows, rows_per_slab):
-        stop = min(start + rows_per_slab, spec.rows)
-        yield start, PackedTensor.from_stored(
-            dataclasses.replace(spec, shape=(stop - start, spec.columns)),
-            packed.data[start:stop],
-            packed.mask[start:stop],
-            packed.scale[start:stop],
-        )
-
-
 def _all_finite(values: torch.Tensor) -> bool:
     """``isfinite(values).all()`` in one reduction pass: min and max propagate NaN, and an
     infinity is the min or the max (several times faster than ``torch.isfinite``)."""
     low, high = torch.aminmax(values)
     return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def quick_validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool = True) -> None:
+    """The FORMAT §7 reader checks at O(stored bytes): stored dtypes and shapes, crc32
+    (unless ``check_crc=False``), the popcount of every mask byte, every scale finite and
+    >= 0. Raises :class:`UMQError` with the same rules as ``PackedTensor.validate``
+    (which runs to word the error when a check fails).
+
+    Not checked: that each lo byte is a finite code of its encoding (§4). That needs the
+    full de-interleave, ~10x the cost of a decode; an fp8 NaN / inf code shows up as a
+    non-finite decoded value instead (:func:`unpack` checks those).
+    """
+    spec = packed.spec
+    shapes = spec.stored_shapes()
+    layout_ok = all(
+        tensor.dtype == dtype and tuple(tensor.shape) == shapes[suffix]
+        for tensor, dtype, suffix in (
+            (packed.data, torch.uint8, DATA_SUFFIX),
+            (packed.mask, torch.uint8, MASK_SUFFIX),
+            (packed.scale, torch.float32, SCALE_SUFFIX),
+        )
+    )
+    if not layout_ok:
+        packed.validate(name=name, check_crc=False)
+    if check_crc:
+        for key, tensor in (("data", packed.data), ("mask", packed.mask), ("scale", packed.scale)):
+            actual = crc32(tensor)
+            if actual != spec.crc32.get(key):
+                raise UMQError(
+                    f"crc32 of {key} is {actual}, header says {spec.crc32.get(key)}: the file is corrupted",
+                    rule="crc32",
+                    tensor=name,
+                )
+    low, high = torch.aminmax(POPCOUNT.to(packed.mask.device).take(packed.mask.long()))
+    popcount_ok = int(low) == int(high) == spec.k
+    scale_ok = _all_finite(packed.scale) and float(packed.scale.min()) >= 0
+    if not (popcount_ok and scale_ok):
+        packed.validate(name=name, check_crc=False)  # raises with the precise rule
 
 
 def _checked_decode(slab: PackedTensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -272,12 +295,9 @@ def _checked_decode(slab: PackedTensor, dtype: torch.dtype, name: str) -> torch.
     the decode has one (and always for int8, whose invalid code -128 decodes finite).
     A non-finite value that passes validation is a value beyond ``dtype``'s range.
     """
-    spec = slab.spec
-    low, high = torch.aminmax(POPCOUNT.take(slab.mask.long()))
-    popcount_ok = int(low) == int(high) == spec.k
-    scale_ok = _all_finite(slab.scale) and float(slab.scale.min()) >= 0
-    if not (popcount_ok and scale_ok) or spec.lo is LoFormat.INT8:
-        slab.validate(name=name, check_crc=False)  # raises with the precise rule
+    quick_validate(slab, name=name, check_crc=False)
+    if slab.spec.lo is LoFormat.INT8:
+        slab.validate(name=name, check_crc=False)
     dense = dequantize(slab, dtype).contiguous()
     if not _all_finite(dense):
         finite = torch.isfinite(dense)
@@ -332,4 +352,4 @@ def _decoded_slabs(
             )
 
 
-__all__ = ["DTYPE_CHOICES", "UnpackReport", "row_slabs", "target_dtype", "unpack"]
+__all__ = ["DTYPE_CHOICES", "UnpackReport", "quick_validate", "target_dtype", "unpack"]
