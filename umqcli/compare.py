@@ -14,14 +14,17 @@ For every selected weight ``W`` (``[R, C]``, 2-D float, ``C % 8 == 0``) and ever
 Aggregates over tensors weight each tensor by its element count: bits are
 ``sum(n_t bits_t) / sum(n_t)``, errors are ``sqrt(sum(n_t e_t^2) / sum(n_t))``.
 
-Cost control (the reason this is not a loop over ``codec.quantize``): every format here
-is row-local (a row's decoded values depend on that row only, except FP8 128x128 tiles),
-so errors are measured on a seeded sample of ``weight_rows`` output rows per tensor and
-only those rows are quantized; tile formats are computed on the whole tensor and then
-sampled. UMQ values come from the codec's own selection, scale and lo/hi rounding
-functions without byte interleaving (``tests/test_compare.py`` checks them equal to
-``dequantize(quantize(...))``), magnitude masks are shared by every lo format and block
-of the same ``k`` (they do not depend on either), and ``W X^T`` is computed once per tensor.
+Cost control (the reason this is not a loop over ``codec.quantize``): UMQ values come
+from the codec's own selection, scale and lo/hi rounding functions without byte
+interleaving or CRCs (``tests/test_compare.py`` checks them equal to
+``dequantize(quantize(...))``); a per-weight cache shares what does not depend on the lo
+format or block (float32 weight, magnitude masks, decoded hi values); ``X W^T`` is
+computed once per weight; and ``workers`` weights are measured at once with one torch
+thread each (the ops are small, and OpenMP barriers stall badly on a shared machine).
+For very large checkpoints ``weight_rows`` measures a seeded sample of output rows per
+weight, exact for row-local formats (all but FP8 128x128 tiles and double-quantized NF4,
+which are computed whole and then sampled); it is off by default because rare rows with
+large outliers dominate the error of per-row formats and a sample misses them.
 
 Nothing here prints; progress goes through ``progress(stage, done, total)``.
 """
@@ -386,6 +389,8 @@ def measure_tensor(
     for formats that do not apply to this tensor, number of output rows measured).
     """
     rows, cols = weight.shape
+    if not bool(torch.isfinite(weight).all()):
+        raise UMQError("the weight holds NaN or infinite values", rule="finite", tensor=name)
     index = sample_rows(rows, weight_rows, seed, name)
     sampled = weight.index_select(0, index) if index.numel() < rows else weight
     reference = sampled.float()
