@@ -69,15 +69,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=4096, help="rows = columns of the fp16 matrix")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per row (median)")
-    parser.add_argument("--threads", type=int, default=0, help="torch and numba threads (0: leave as is)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads (the fused pass follows it; 0: as is)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-        if _fused.numba is not None:
-            _fused.numba.set_num_threads(args.threads)
 
     weight = heavy_tailed(args.size, args.size)
     elements = weight.numel()
+    if _fused.available():
+        _fused._follow_torch_threads()
     numba_threads = _fused.numba.get_num_threads() if _fused.numba is not None else 0
     print(
         f"{args.size} x {args.size} float16, median of {args.repeat}; torch {torch.__version__} "

@@ -669,3 +669,32 @@ def test_decoders_refuse_a_mask_beyond_the_payload() -> None:
     for fused in (True, False):
         assert _rule(lambda: codec.dequantize(bad, fused=fused)).rule == "popcount"
         assert _rule(lambda: codec.dequantize(short, fused=fused)).rule == "stored-shape"
+
+
+def test_fused_pass_follows_and_keeps_torch_threads() -> None:
+    """The fused pass runs on torch.get_num_threads() threads and leaves torch's setting
+    as it was (starting numba's OpenMP layer would otherwise reset it); calls from several
+    Python threads at once (as `umq pack` workers make) give the reference bytes."""
+    import threading
+
+    before = torch.get_num_threads()
+    weight = heavy_tailed(64, 1024, 12, torch.bfloat16)
+    reference = codec.quantize(weight, QuantParams(k=2), fused=False)
+    try:
+        torch.set_num_threads(1)
+        codec.quantize(weight, QuantParams(k=2), fused=True)
+        assert torch.get_num_threads() == 1 and _fused.numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    results = []
+
+    def work() -> None:
+        results.append(codec.quantize(weight, QuantParams(k=2), fused=True))
+
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(results) == 4
+    assert all(raw_bytes(r.data) == raw_bytes(reference.data) for r in results)

@@ -294,6 +294,26 @@ if numba is not None:
                         out16[r, c] = _f32_to_f16(value) if out_kind == 1 else _f32_to_bf16(value)
 
 
+_LAUNCHED = False
+
+
+def _follow_torch_threads() -> None:
+    """Run numba's parallel loops on as many threads as torch uses (``torch.set_num_threads``
+    is the one knob users know). Starting numba's OpenMP layer resets the process's
+    OpenMP thread count, which torch reads too, so torch's setting is put back then."""
+    global _LAUNCHED
+    if not _LAUNCHED:
+        torch_threads = torch.get_num_threads()
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
+        torch.set_num_threads(torch_threads)
+        _LAUNCHED = True
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+
+
 _TABLES: dict[str, torch.Tensor] = {}
 
 
@@ -325,6 +345,7 @@ def quantize_magnitude(weight: torch.Tensor, hi_bits: torch.Tensor, k: int, bloc
     scale = torch.empty(rows, cols // block, dtype=torch.float32)
     status = torch.empty(rows, dtype=torch.int8)
     outs = (data.numpy(), mask.numpy(), scale.numpy(), status.numpy())
+    _follow_torch_threads()
     hi_np = hi_bits.contiguous().view(torch.int16).numpy().view(np.uint16)
     if weight.dtype == torch.float32:
         _quantize32(weight.contiguous().numpy(), hi_np, True, k, block, LO_CODES[lo], HI_CODES[hi], *outs)
@@ -352,6 +373,7 @@ def dequantize(data: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, k: i
         out = torch.empty(rows, cols, dtype=dtype)
         out16, out32 = out.view(torch.int16).numpy().view(np.uint16), np.empty((1, 1), dtype=np.float32)
     status = np.empty(rows, dtype=np.int8)
+    _follow_torch_threads()
     _dequantize(
         data.contiguous().numpy(), mask.contiguous().numpy(), scale.contiguous().numpy(), k, block,
         _table(lo), _table(hi), dtype == hi_dtype, out_kind, out16, out32, status,
