@@ -267,3 +267,19 @@ def test_sizes_beyond_int32_fall_back_to_torch(shim, monkeypatch):
     assert torch.equal(shim.matmul(x, packed), TorchBackend().matmul(x, packed))
     assert_bit_exact(shim.decode(packed), dequantize(packed))
     assert shim.fallbacks == before + 2
+
+
+def test_decode_grid_stride_loop_covers_every_group(shim, monkeypatch):
+    """With the grid capped at 2 blocks, each thread decodes several groups."""
+    monkeypatch.setattr(cuda_backend, "DECODE_MAX_BLOCKS", 2)
+    packed = quantize(weight(50, 136, torch.bfloat16, seed=4), QuantParams(k=5, lo="fp8_e5m2", block=8))
+    assert 50 * 17 > 2 * cuda_backend.DECODE_THREADS  # more groups than threads
+    assert_bit_exact(shim.decode(packed), dequantize(packed))
+
+
+def test_matmul_m_sliced_across_launches(shim, monkeypatch):
+    """M beyond gridDim.y's limit is launched in slices (the limit shrunk to 1 tile)."""
+    monkeypatch.setattr(cuda_backend, "MAX_GRID_Y", 1)
+    packed = quantize(weight(40, 48, torch.float32, seed=6), QuantParams(k=2, lo="int8"))
+    x = torch.randn(150, 48, generator=torch.Generator().manual_seed(6))  # 3 slices: 64, 64, 22
+    assert_matmul_close(shim.matmul(x, packed), x, packed)
