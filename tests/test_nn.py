@@ -306,3 +306,38 @@ def test_load_hf_in_bfloat16_keeps_scales_float32(minilm, minilm_models) -> None
     fp32 = _embed(minilm_models["packed"], tokenizer, sentences)
     assert bf16.dtype == torch.bfloat16
     assert float((bf16.float() * fp32).sum(-1).min()) > 0.99
+
+
+def test_load_hf_sharded_bfloat16_checkpoint(tmp_path) -> None:
+    """A generated BERT saved in several bfloat16 shards: every shard's packed tensors
+    become UMQLinear layers, and the model equals the dense one with decoded weights."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=32, initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).to(torch.bfloat16).eval()
+    src = tmp_path / "tiny"
+    model.save_pretrained(src, max_shard_size="60KB")
+    assert len(list(src.glob("*.safetensors"))) > 2 and (src / "model.safetensors.index.json").exists()
+    from umqcli.pack import pack
+
+    pack(src, tmp_path / "tiny.umq", params=QuantParams(k=2, block=32), with_error=False)
+    # float32 everywhere else, so both sides multiply by the same float32 weights.
+    packed = load_hf(tmp_path / "tiny.umq", dtype=torch.float32)
+    layers = dict(umq_linears(packed))
+    assert len(layers) == 2 * 6 + 1 and all(l.spec.dtype == "bfloat16" for l in layers.values())
+    reference = transformers.BertModel.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(0, 120, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original = reference(input_ids=ids).last_hidden_state
+        for name, layer in layers.items():
+            reference.get_submodule(name).weight.copy_(layer.decoded_weight(torch.float32))
+        got = packed(input_ids=ids).last_hidden_state
+        want = reference(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # ... and the quantization is visible against the unquantized weights.
+    assert float((got - original).abs().max()) > 100 * float((got - want).abs().max())
