@@ -274,3 +274,17 @@ def test_junit_marks_exactly_the_failing_tensors(small):
     assert int(suite.get("failures")) == len(report.tensors)
     message = suite.find("testcase/failure").get("message")
     assert "> 0" in message
+
+
+@pytest.mark.gpu
+def test_verify_with_cuda_backend_on_a_device(small):
+    if not cuda_available():
+        pytest.skip("no CUDA device / CuPy (test_sharded_directory_and_kernel_backend_on_cpu_shim runs the kernels on the CPU)")
+    source, packed = small
+    assert umq("verify", packed, "--backend", "cuda").exit_code == 0
+    report = verify(packed, backend="cuda")
+    assert report.backend == "cuda" and all(t.error.rel_error < 1e-6 for t in report.tensors)
+    with_reference = verify(packed, reference=source, backend="cuda")
+    torch_reference = verify(packed, reference=source, backend="torch")
+    for a, b in zip(with_reference.tensors, torch_reference.tensors):
+        assert a.error.rel_error == pytest.approx(b.error.rel_error, rel=1e-4)
