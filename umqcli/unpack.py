@@ -200,8 +200,9 @@ def _unpack_file(
         layout.append((name, entry.dtype, entry.shape))
     for name, spec in specs.items():
         layout.append((name, target_dtype(spec, dtype), spec.shape))
-    # The dense file keeps the source's metadata (format: pt, ...) minus the umq keys.
-    metadata = {k: v for k, v in header.metadata.items() if k not in (META_VERSION, META_TENSORS)}
+    # The dense file keeps the source's metadata (format: pt, ...) minus every umq key
+    # (umq.version, umq.tensors and any a later writer adds): it is no longer packed.
+    metadata = {k: v for k, v in header.metadata.items() if k not in (META_VERSION, META_TENSORS) and not k.startswith("umq.")}
     written: dict[str, int] = {}
     with SafetensorsWriter(target, layout, metadata_reserve=metadata) as writer:
         for name, entry in header.entries.items():
