@@ -245,7 +245,7 @@ def test_activation_rows_from_stats(small, tmp_path):
     bad_path = tmp_path / "bad_stats.safetensors"
     save_stats(bad_path, bad)
     result = umq("verify", packed, "--activations", bad_path, "--backend", "torch")
-    assert result.exit_code == 2 and "[rule: stats]" in result.stderr
+    assert result.exit_code == 2 and "[rule: stats]" in result.stderr and "bad_stats.safetensors" in result.stderr
 
 
 def test_sharded_directory_and_kernel_backend_on_cpu_shim(tmp_path, tmp_path_factory):
@@ -288,3 +288,14 @@ def test_verify_with_cuda_backend_on_a_device(small):
     torch_reference = verify(packed, reference=source, backend="torch")
     for a, b in zip(with_reference.tensors, torch_reference.tensors):
         assert a.error.rel_error == pytest.approx(b.error.rel_error, rel=1e-4)
+
+
+def test_progress_reports_both_phases_in_order(small):
+    _, packed = small
+    calls = []
+    report = verify(packed, backend="torch", rows=8, progress=lambda *call: calls.append(call))
+    names = [t.name for t in report.tensors]
+    n = len(names)
+    assert calls[:n] == [(f"integrity: {name}", i, n) for i, name in enumerate(names)]
+    assert calls[n : 2 * n] == [(name, i, n) for i, name in enumerate(names)]
+    assert calls[-1] == ("", n, n) and len(calls) == 2 * n + 1

@@ -48,7 +48,9 @@ DEFAULT_MAX_REL_ERROR = 0.05
 DEFAULT_SEED = 0
 _COMPARE_CHUNK = 8 * 1024 * 1024
 
-#: Called as ``progress(tensor_name, done, total)`` before each tensor's matmul check.
+#: Called as ``progress(label, done, total)``: before each tensor's integrity check (label
+#: ``"integrity: NAME"``), before each tensor's matmul check (label ``NAME``), and once at
+#: the end (label ``""``, done == total).
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -366,8 +368,11 @@ def verify(
                                    rule="reference-mismatch", file=ref_ckpt.path)
                 integrity += ["reference-shapes", "reference-dtypes", "reference-hi", "passthrough-bytes"]
             hi_checked: dict[str, int] = {}
-            for name in names:
+            for index, name in enumerate(names):
+                if progress is not None:
+                    progress(f"integrity: {name}", index, len(names))
                 packed = checkpoint.packed(name, check_crc=True)
+                _check_sample(stats, name, packed.spec, activations)
                 if ref_ckpt is not None:
                     check_reference_entry(ref_ckpt, name, packed.spec)
                     hi_checked[name] = check_hi_values(
@@ -404,14 +409,20 @@ def verify(
     )
 
 
-def _input_rows(name: str, spec: TensorSpec, stats, rows: int, seed: int, file) -> tuple[torch.Tensor, str]:
+def _check_sample(stats, name: str, spec: TensorSpec, file) -> None:
+    """The stats file's input rows for ``name`` (if any) have the weight's column count."""
+    item = None if stats is None else stats.get(name)
+    if item is not None and item.sample.shape[0] > 0 and item.sample.shape[1] != spec.columns:
+        raise UMQError(
+            f"activation sample has {item.sample.shape[1]} channels, the weight has {spec.columns} columns",
+            rule="stats", file=file, tensor=name,
+        )
+
+
+def _input_rows(name: str, spec: TensorSpec, stats, rows: int, seed: int) -> tuple[torch.Tensor, str]:
+    """float32 ``[rows', C]`` input rows and where they come from (``stats``/``gaussian``)."""
     item = None if stats is None else stats.get(name)
     if item is not None and item.sample.shape[0] > 0:
-        if item.sample.shape[1] != spec.columns:
-            raise UMQError(
-                f"activation sample has {item.sample.shape[1]} channels, the weight has {spec.columns} columns",
-                rule="stats", file=file, tensor=name,
-            )
         return item.sample[:rows].to(torch.float32), "stats"
     return gaussian_rows(name, rows, spec.columns, seed), "gaussian"
 
@@ -423,7 +434,7 @@ def _verify_tensor(checkpoint, ref_ckpt, stats, compute, name, rows, seed, max_r
     packed = PackedTensor.from_stored(
         spec, *(checkpoint.get(name + suffix) for suffix in (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX))
     )
-    x, source = _input_rows(name, spec, stats, rows, seed, checkpoint.spec_files[name])
+    x, source = _input_rows(name, spec, stats, rows, seed)
     y = compute.matmul(x, packed).cpu()
     baselines: dict[str, OutputError] = {}
     if ref_ckpt is not None:
