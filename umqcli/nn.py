@@ -133,6 +133,10 @@ class UMQLinear(nn.Module):
 
     Input ``x``: float32/float16/bfloat16 ``[..., in_features]`` (any leading dims);
     output: ``[..., out_features]`` in ``x.dtype``, computed with float32 accumulation.
+
+    The constructor allocates empty buffers for ``spec`` (``device``; ``dtype`` is the
+    bias dtype, default the source dtype) to be filled by ``load_state_dict`` or the
+    transformers loader; :meth:`from_packed` and :meth:`from_linear` build filled layers.
     """
 
     def __init__(
