@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from umqcli.codec import PackedTensor, dequantize
@@ -28,3 +30,9 @@ def dot_error_bound(x: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
     gamma = columns * unit / (1 - columns * unit)
     weight = dequantize(packed, torch.float32).double()
     return gamma * (x.double().abs() @ weight.abs().T)
+
+
+def shim_build_dir(tmp_path_factory) -> Path:
+    """One directory per test session for the g++-built kernel shim: every test module
+    that needs the shim finds the library there (built once, keyed by a source hash)."""
+    return tmp_path_factory.getbasetemp() / "umq_shim"

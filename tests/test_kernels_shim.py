@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kernel_helpers import bit_pattern, dot_error_bound
+from kernel_helpers import bit_pattern, dot_error_bound, shim_build_dir
 from umqcli.backends import cuda as cuda_backend
 from umqcli.backends.cuda import CudaBackend
 from umqcli.backends.host_shim import HostShimRunner
@@ -32,7 +32,7 @@ SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @pytest.fixture(scope="session")
 def shim_runner(tmp_path_factory) -> HostShimRunner:
     """The g++-compiled kernels, built once per test session."""
-    return HostShimRunner.build(tmp_path_factory.mktemp("umq_shim"))
+    return HostShimRunner.build(shim_build_dir(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")

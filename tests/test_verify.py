@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from checkpoints import llama_tensors, make_sharded_checkpoint
+from kernel_helpers import shim_build_dir
 from umqcli.backends import cuda_available
 from umqcli.baselines import fake_quant_fp8_channel
 from umqcli.cli import app
@@ -258,7 +259,7 @@ def test_sharded_directory_and_kernel_backend_on_cpu_shim(tmp_path, tmp_path_fac
     source = make_sharded_checkpoint(tmp_path / "model", shards=2, layers=1, dtype=torch.bfloat16)
     packed = tmp_path / "model.umq"
     pack(source, packed, params=QuantParams(k=3, lo="int8", block=16), with_error=False)
-    shim = CudaBackend(runner=HostShimRunner.build(tmp_path_factory.getbasetemp() / "umq_shim_verify"))
+    shim = CudaBackend(runner=HostShimRunner.build(shim_build_dir(tmp_path_factory)))
     report = verify(packed, backend=shim, rows=20)
     assert report.backend == "cuda" and report.passed
     assert all(t.error.rel_error < 1e-6 and t.reference == "decoded" for t in report.tensors)
