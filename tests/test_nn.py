@@ -34,7 +34,9 @@ def _linear(in_features: int, out_features: int, bias: bool, seed: int) -> nn.Li
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 1, 4)], ids=["1d", "2d", "3d", "4d"])
+@pytest.mark.parametrize(
+    "lead", [(), (1,), (2,), (3,), (2, 3), (2, 1, 4)], ids=["1d", "m1", "m2", "m3", "3d", "4d"]
+)
 def test_umqlinear_matches_linear_with_decoded_weight(k: int, bias: bool, lead: tuple[int, ...]) -> None:
     linear = _linear(64, 24, bias, seed=k)
     layer = UMQLinear.from_linear(linear, QuantParams(k=k), backend="torch")
