@@ -367,3 +367,18 @@ def test_quick_validate_rules() -> None:
     # With the crc check on, a changed scale is caught by its crc first.
     with pytest.raises(UMQError, match="crc32 of scale"):
         quick_validate(broken(scale=nan_scale), name="w")
+
+
+def test_tensor_stored_plain_and_packed_is_refused(tmp_path: Path) -> None:
+    """A file holding both 'w' and the packed parts of 'w' cannot be unpacked."""
+    from umqcli.codec import quantize
+    from umqcli.format import encode_metadata
+
+    weight = torch.randn(8, 16)
+    packed = quantize(weight, QuantParams())
+    tensors = {"w": weight, **packed.stored_tensors("w")}
+    save_file(tensors, tmp_path / "twice.safetensors", metadata=encode_metadata({"w": packed.spec}))
+    with pytest.raises(UMQError) as info:
+        unpack(tmp_path / "twice.safetensors", tmp_path / "out.safetensors")
+    assert info.value.rule == "duplicate-tensor" and info.value.tensor == "w"
+    assert not (tmp_path / "out.safetensors").exists() and _leftovers(tmp_path) == []

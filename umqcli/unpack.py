@@ -193,6 +193,14 @@ def _unpack_file(
     header = checkpoint.headers[file]
     specs = {name: spec for name, spec in checkpoint.specs.items() if checkpoint.spec_files[name] == file}
     parts = {name + suffix for name in specs for suffix in SUFFIXES}
+    for name in specs:
+        if name in header.entries:
+            raise UMQError(
+                "stored both as a plain tensor and as a quantized one: the dense file would hold it twice",
+                rule="duplicate-tensor",
+                file=file,
+                tensor=name,
+            )
     layout: list[tuple[str, torch.dtype | str, tuple[int, ...]]] = []
     for name, entry in header.entries.items():
         if name in parts:
