@@ -382,3 +382,14 @@ def test_tensor_stored_plain_and_packed_is_refused(tmp_path: Path) -> None:
         unpack(tmp_path / "twice.safetensors", tmp_path / "out.safetensors")
     assert info.value.rule == "duplicate-tensor" and info.value.tensor == "w"
     assert not (tmp_path / "out.safetensors").exists() and _leftovers(tmp_path) == []
+
+
+def test_index_pointing_outside_the_directory_is_refused(packed_dir: Path, tmp_path: Path) -> None:
+    index_path = packed_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../model/model-00001-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    result = runner.invoke(app, ["unpack", str(packed_dir), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "outside the model directory" in result.stderr
+    assert "index-path" in result.stderr and not (tmp_path / "out").exists()
