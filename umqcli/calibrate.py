@@ -30,7 +30,7 @@ Nothing here prints; progress goes through a ``progress(stage, done, total)`` ca
 from __future__ import annotations
 
 import math
-import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
@@ -421,9 +421,19 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, rows: torch.Tensor)
 
 @dataclass(frozen=True)
 class Candidate:
+    """One configuration of one tensor: ``bits`` stored per element (payload + mask +
+    scale) and ``error``, the predicted relative output error *energy*
+    ``E||(W-Ŵ)x||^2 / E||Wx||^2`` (squared errors add up across tensors, so the
+    allocation works with this); ``rel_error`` is its square root, the
+    ``||Y - Y_ref|| / ||Y_ref||`` that ``umq verify`` measures."""
+
     params: QuantParams
-    bits: float  # stored bits per element: payload + mask + scale
-    error: float  # predicted relative activation-weighted output error
+    bits: float
+    error: float
+
+    @property
+    def rel_error(self) -> float:
+        return math.sqrt(self.error)
 
 
 @dataclass
@@ -621,17 +631,18 @@ def allocate_budget(choices: Sequence[TensorChoice], budget_bits: float) -> None
 
 
 def allocate_max_error(choices: Sequence[TensorChoice], max_rel_error: float) -> None:
-    """Per tensor, the cheapest candidate whose predicted error is <= ``max_rel_error``
-    (the most accurate one if none is)."""
+    """Per tensor, the cheapest candidate whose predicted relative output error
+    (``rel_error``, not squared) is <= ``max_rel_error`` (the most accurate one if none is)."""
     for c in choices:
-        fitting = [x for x in c.candidates if x.error <= max_rel_error]
+        fitting = [x for x in c.candidates if x.rel_error <= max_rel_error]
         c.chosen = (min(fitting, key=lambda x: (x.bits, x.error)) if fitting
                     else min(c.candidates, key=lambda x: (x.error, x.bits)))
 
 
 def explain(choices: Sequence[TensorChoice]) -> None:
-    """Fill each choice's ``reason``: how its k compares with the model's typical k, and
-    what about the tensor (outlier channels, uneven activations, error slope) caused it."""
+    """Fill each choice's ``reason``: how its k compares with the model's median k, what
+    the extra (or fewer) hi slots buy in predicted error, and what about the tensor's
+    inputs (outlier channels, uneven E[x^2]) makes it so."""
     ks = sorted(c.chosen.params.k for c in choices if c.chosen is not None)
     if not ks:
         return
@@ -639,21 +650,22 @@ def explain(choices: Sequence[TensorChoice]) -> None:
     for c in choices:
         chosen = c.chosen
         assert chosen is not None
-        p = chosen.params
-        cheapest = c.hull[0]
+        k = chosen.params.k
         facts = []
         if c.outlier_channels:
-            facts.append(f"{c.outlier_channels} outlier channels (|x|>{OUTLIER_THRESHOLD:g})")
+            facts.append(f"{c.outlier_channels} outlier input channels (|x|>{OUTLIER_THRESHOLD:g})")
         if c.act_peak_ratio >= 10:
-            facts.append(f"act_sq peak {c.act_peak_ratio:.0f}x mean")
-        gain = cheapest.error / chosen.error if chosen.error > 0 else math.inf
-        if p.k > median_k:
-            why = f"more hi slots than the median k={median_k}: error {cheapest.error:.2e} -> {chosen.error:.2e}"
-            why += f" ({gain:.1f}x) for {chosen.bits - cheapest.bits:.2f} extra bits"
-        elif p.k < median_k:
-            why = f"fewer hi slots than the median k={median_k}: extra bits buy little here"
+            facts.append(f"E[x^2] peak {c.act_peak_ratio:.0f}x mean")
+        at_median = [x for x in c.candidates if x.params.k == median_k]
+        ref = min(at_median, key=lambda x: (x.error, x.bits)) if at_median else None
+        if k != median_k and ref is not None:
+            ratio = ref.error / chosen.error if chosen.error > 0 else math.inf
+            more = "more" if k > median_k else "fewer"
+            why = (f"k={k}, {more} hi slots than the median k={median_k}: predicted error "
+                   f"{chosen.rel_error:.2e} vs {ref.rel_error:.2e} for the best k={median_k} "
+                   f"(error energy {ratio:.1f}x lower) at {chosen.bits - ref.bits:+.2f} bits")
         else:
-            why = f"median k={median_k}"
+            why = f"k={k} (median)"
         c.reason = "; ".join([why] + facts)
 
 
@@ -674,8 +686,26 @@ class SearchResult:
 
     @property
     def average_error(self) -> float:
-        """Element-weighted mean predicted relative error."""
+        """Element-weighted mean predicted error energy (what the budget search minimises)."""
         return sum(c.chosen.error * c.numel for c in self.choices) / max(self.elements, 1)
+
+    @property
+    def rms_rel_error(self) -> float:
+        """``sqrt(average_error)``: the model's element-weighted RMS relative output error."""
+        return math.sqrt(self.average_error)
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def search_recipe(
@@ -686,6 +716,7 @@ def search_recipe(
     max_rel_error: float | None = None,
     space: CandidateSpace = CandidateSpace(),
     max_rows: int = 256,
+    threads: int | None = 1,
     progress: ProgressFn = _no_progress,
 ) -> SearchResult:
     """Evaluate every candidate for every weight and allocate bits across the model.
@@ -695,19 +726,26 @@ def search_recipe(
     :class:`ChannelStats` (``None`` or a missing name: weights only, a_j = 1). Exactly one
     of ``budget_bits`` (average stored bits per element over these tensors) and
     ``max_rel_error`` (per tensor) must be given.
+
+    ``threads``: torch intra-op threads during the search (restored afterwards; ``None``
+    leaves them alone). The default is 1: the search runs many small element-wise ops
+    (at most ``max_rows`` rows each), which gain nothing from threads and, on a busy
+    machine, lose 10-40x to OpenMP workers spinning for a core (measured on 2 shared
+    cores: 1.0 s against 10-55 s per MiniLM tensor).
     """
     if (budget_bits is None) == (max_rel_error is None):
         raise UMQError("give exactly one of --budget-bits and --max-rel-error", rule="target")
     choices = []
     total = len(weights)
-    for i, name in enumerate(weights):
-        weight = weights[name]  # a lazy mapping reads one tensor at a time
-        item = None if stats is None else stats.get(name)
-        if item is not None and item.channels != weight.shape[1]:
-            raise UMQError(f"statistics have {item.channels} channels, the weight has {weight.shape[1]} columns",
-                           rule="activation-stats", tensor=name)
-        choices.append(evaluate_tensor(name, weight, item, space, max_rows=max_rows))
-        progress("search", i + 1, total)
+    with _torch_threads(threads):
+        for i, name in enumerate(weights):
+            weight = weights[name]  # a lazy mapping reads one tensor at a time
+            item = None if stats is None else stats.get(name)
+            if item is not None and item.channels != weight.shape[1]:
+                raise UMQError(f"statistics have {item.channels} channels, the weight has {weight.shape[1]} columns",
+                               rule="activation-stats", tensor=name)
+            choices.append(evaluate_tensor(name, weight, item, space, max_rows=max_rows))
+            progress("search", i + 1, total)
     if not choices:
         raise UMQError("no quantizable tensors", rule="plan")
     if budget_bits is not None:
@@ -765,7 +803,7 @@ def to_recipe(result: SearchResult, *, source: str, stats_file: str | None = Non
     tensors = {
         c.name: RecipeEntry(
             params=c.chosen.params,
-            predicted_rel_error=float(c.chosen.error),
+            predicted_rel_error=float(c.chosen.rel_error),
             bits_per_element=float(c.chosen.bits),
             reason=c.reason,
         )
@@ -777,8 +815,8 @@ def to_recipe(result: SearchResult, *, source: str, stats_file: str | None = Non
             "target": result.target,
             "statistics": result.stats_source,
             "average_bits_per_element": result.average_bits,
-            "average_predicted_rel_error": result.average_error,
-            "error_metric": "sum_j E[x_j^2] ||W[:,j]-W_hat[:,j]||^2 / sum_j E[x_j^2] ||W[:,j]||^2",
+            "rms_predicted_rel_error": result.rms_rel_error,
+            "error_metric": "sqrt(sum_j E[x_j^2] ||W[:,j]-W_hat[:,j]||^2 / sum_j E[x_j^2] ||W[:,j]||^2)",
         }
     }
     if stats_file is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -104,10 +103,11 @@ class ChannelStats:
 # --------------------------------------------------------------------------- accumulate
 
 
-def _name_seed(seed: int, name: str) -> int:
-    # One generator per tensor, seeded from (seed, name): the sample of one layer does not
-    # depend on the order in which hooks of other layers fire.
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+def _stream_seed(seed: int) -> int:
+    # One generator per tensor, all seeded alike: the sample of one layer does not depend
+    # on the order in which hooks of other layers fire, and layers that see the same rows
+    # (q, k and v) keep the same sampled rows (the same tokens).
+    return int(seed) % (2**63 - 1)
 
 
 class _Running:
@@ -121,7 +121,7 @@ class _Running:
         self.rows = 0
         self.sample_rows = sample_rows
         self.threshold = threshold
-        self.generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        self.generator = torch.Generator().manual_seed(_stream_seed(seed))
         # Bottom-S sampling: every row gets a uniform random key; the S smallest keys are a
         # uniform sample without replacement of all rows seen, computable batch by batch.
         self.keys = torch.empty(0, dtype=torch.float64)

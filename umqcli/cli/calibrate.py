@@ -36,6 +36,7 @@ def calibrate_command(
     max_rows: Annotated[int, typer.Option("--max-rows", min=0, help="Weight rows used to estimate each candidate's error (0 = all).")] = 256,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only search tensors matching this glob or re:regex (as umq pack).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never search tensors matching this glob or re:regex (as umq pack).")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads for running the model (0 = torch's default). The search itself runs single-threaded.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
     """Measure real activation statistics (per input channel of every linear layer) and
@@ -48,6 +49,10 @@ def calibrate_command(
     if (budget_bits is None) == (max_rel_error is None):
         raise UMQError("give exactly one of --budget-bits and --max-rel-error", rule="target")
     space = CandidateSpace.parse(candidates)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     options = dict(
         data=data, stats_in=stats, stats_out=stats_out, recipe_out=out, budget_bits=budget_bits,
         max_rel_error=max_rel_error, space=space, samples=samples, seq_len=seq_len, batch_size=batch_size,
@@ -82,11 +87,11 @@ def summary_json(result: CalibrationResult) -> dict:
         "mode": search.mode,
         "target": search.target,
         "average_bits_per_element": search.average_bits,
-        "average_predicted_rel_error": search.average_error,
+        "rms_predicted_rel_error": search.rms_rel_error,
         "tokens": None if result.stats_run is None else int(result.stats_run.metadata["tokens"]),
         "tensors": {
             c.name: {**c.chosen.params.to_json(), "bits_per_element": c.chosen.bits,
-                     "predicted_rel_error": c.chosen.error, "candidates": len(c.candidates),
+                     "predicted_rel_error": c.chosen.rel_error, "candidates": len(c.candidates),
                      "outlier_channels": c.outlier_channels, "reason": c.reason}
             for c in search.choices
         },
@@ -106,25 +111,27 @@ def render_summary(result: CalibrationResult, model: Path) -> None:
         if run.unmatched_modules:
             console.print(f"[yellow]no checkpoint tensor for {len(run.unmatched_modules)} linear module(s):[/] "
                           + ", ".join(run.unmatched_modules[:4]), highlight=False)
-    table = Table(title=f"umq calibrate: {model} ({search.stats_source})", title_justify="left")
-    for column, justify in (("tensor", "left"), ("shape", "right"), ("k", "right"), ("lo", "left"),
-                            ("block", "right"), ("select", "left"), ("bits", "right"),
-                            ("pred. error", "right"), ("why", "left")):
+    table = Table(title=f"umq calibrate: {model.name} ({search.stats_source})", title_justify="left")
+    for column, justify in (("tensor", "left"), ("k", "right"), ("lo", "left"), ("block", "right"),
+                            ("select", "left"), ("bits", "right"), ("pred. error", "right")):
         table.add_column(column, justify=justify, overflow="fold")
     for c in search.choices:
         p = c.chosen.params
-        table.add_row(
-            c.name, f"{c.shape[0]}x{c.shape[1]}", str(p.k), p.lo.value, "row" if p.block == 0 else str(p.block),
-            p.selection.value, f"{c.chosen.bits:.3f}", f"{c.chosen.error:.2e}", c.reason,
-        )
+        table.add_row(c.name, str(p.k), p.lo.value, "row" if p.block == 0 else str(p.block),
+                      p.selection.value, f"{c.chosen.bits:.3f}", f"{c.chosen.rel_error:.2e}")
     console.print(table)
+    unusual = [c for c in search.choices if "median" in c.reason and "(median)" not in c.reason]
+    if unusual:
+        console.print("[bold]why some tensors got more (or fewer) hi slots:[/]")
+        for c in unusual:
+            console.print(f"  {c.name}: {c.reason}", highlight=False, markup=False, soft_wrap=True)
     ks = Counter(c.chosen.params.k for c in search.choices)
     target = (f"budget {search.target:g} bits/element" if search.mode == "budget"
               else f"max predicted error {search.target:g} per tensor")
     console.print(
         f"{len(search.choices)} tensors, {search.elements:,} elements: average "
-        f"[bold]{search.average_bits:.3f}[/] bits/element ({target}), element-weighted predicted "
-        f"error [bold]{search.average_error:.3e}[/]; k histogram "
+        f"[bold]{search.average_bits:.3f}[/] bits/element ({target}), predicted relative output "
+        f"error (element-weighted RMS) [bold]{search.rms_rel_error:.3e}[/]; k histogram "
         + " ".join(f"k={k}:{n}" for k, n in sorted(ks.items())),
         highlight=False,
     )
