@@ -5,8 +5,8 @@ measured in the same run.
 
 Generates a Llama-7B-shaped bf16 model directory (q/k/v/o 4096 x 4096, gate/up/down
 4096 x 11008 per layer, a 32000 x 4096 embedding; ~2.2 GB with 5 layers, 2 shards) in a
-temporary directory, then runs each method in its own subprocess (so peak RSS is that
-method's alone, read with ``getrusage(RUSAGE_SELF).ru_maxrss``):
+temporary directory (in a subprocess, so this parent stays small), then runs each method
+in its own subprocess (so peak RSS is that method's alone: ``VmHWM``, see ``peak_rss``):
 
 - ``copy``: plain safetensors copy (``load_file`` + ``save_file`` per shard);
 - ``fp8``: a plain torch per-channel FP8 pipeline: read each shard, every 2-D float
@@ -110,8 +110,23 @@ def run_method(method: str, src: Path, out: Path) -> dict:
              workers=0 if method == "pack-serial" else 2)
     seconds = time.perf_counter() - started
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"seconds": seconds, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "out_bytes": out_bytes}
+    return {"seconds": seconds, "max_rss": peak_rss(), "out_bytes": out_bytes}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it exec'd.
+
+    ``VmHWM`` from /proc (Linux): ``getrusage().ru_maxrss`` is not used because Linux
+    carries the parent's high-water mark over fork + exec, so a child started by a big
+    parent would report the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -123,7 +138,12 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--keep", type=Path, help="use/keep the generated model here instead of a temp dir")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "SRC", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--generate", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate:
+        path, *dims = args.generate
+        print(json.dumps(generate(Path(path), *map(int, dims))))
+        return
     if args.child:
         method, src, out = args.child
         print(json.dumps(run_method(method, Path(src), Path(out))))
@@ -140,7 +160,10 @@ def main() -> None:
                 info = {"bytes": sum(ckpt.entry(n).nbytes for n in ckpt.names()),
                         "largest": max(ckpt.entry(n).nbytes for n in ckpt.names()), "tensors": len(ckpt.names())}
         else:
-            info = generate(model, args.layers, args.hidden, args.intermediate, args.vocab)
+            child = subprocess.run([sys.executable, __file__, "--generate", str(model), str(args.layers),
+                                    str(args.hidden), str(args.intermediate), str(args.vocab)],
+                                   capture_output=True, text=True, check=True)
+            info = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"checkpoint: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB bf16 in 2 shards, largest "
               f"tensor {info['largest'] / 1e6:.0f} MB (generated in {time.perf_counter() - started:.0f} s); "
               f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, "
