@@ -644,7 +644,8 @@ def test_fused_float32_to_16bit_casts_match_torch(hi: HiFormat) -> None:
 
 def test_fused_large_tensor_matches_reference() -> None:
     """Above FUSED_MIN_ELEMENTS the default path is the fused one: on a 256 x 512 fp16
-    heavy-tailed tensor (k=3, block 64) bytes, spec and decode equal the reference's."""
+    heavy-tailed tensor (k=3, block 64) bytes, spec and decode equal the reference's; an
+    nn.Parameter is accepted by both paths."""
     weight = heavy_tailed(256, 512, 8, torch.float16)
     assert weight.numel() >= codec.FUSED_MIN_ELEMENTS
     params = QuantParams(k=3, lo="fp8_e4m3", block=64)
@@ -655,6 +656,12 @@ def test_fused_large_tensor_matches_reference() -> None:
     assert raw_bytes(default.mask) == raw_bytes(reference.mask)
     assert raw_bytes(default.scale) == raw_bytes(reference.scale)
     assert raw_bytes(codec.dequantize(default)) == raw_bytes(codec.dequantize(default, fused=False))
+    # An nn.Parameter (requires_grad) packs to the same bytes on both paths, without grad.
+    parameter = torch.nn.Parameter(weight.float())
+    for fused in (True, False):
+        packed = codec.quantize(parameter, params, fused=fused)
+        assert not packed.scale.requires_grad
+        assert raw_bytes(packed.data) == raw_bytes(codec.quantize(weight.float(), params, fused=False).data)
 
 
 def test_decoders_refuse_a_mask_beyond_the_payload() -> None:

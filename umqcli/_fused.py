@@ -9,10 +9,12 @@ arithmetic in one pass over each row, parallel over rows:
   group interleave (§3/§4) for one 2-D tensor, writing data/mask/scale directly;
 - :func:`dequantize`: the inverse, decoding into float32, float16 or bfloat16.
 
-Every rounding is written out in integer arithmetic on IEEE bit patterns (round to
-nearest even, subnormals included) so that the bytes equal the torch path's bit for bit;
-``tests/test_codec.py`` checks that on the conformance vectors, on random tensors and on
-every fp16 input. It is used automatically when numba imports (the ``fast`` extra) unless
+Every rounding is written out on IEEE bit patterns (integer arithmetic, plus the float32
+add/subtract of 2**23 that rounds to an integer; round to nearest even, subnormals
+included) so that the bytes equal the torch path's bit for bit; ``tests/test_codec.py``
+checks that on the conformance vectors, on random tensors and on every fp16 input.
+``codec.quantize`` / ``codec.dequantize`` use it for CPU tensors of at least
+``codec.FUSED_MIN_ELEMENTS`` elements when numba imports (the ``fast`` extra) unless
 ``UMQ_FUSED=0``; without numba nothing here is compiled and the torch path runs.
 """
 
@@ -339,6 +341,7 @@ def quantize_magnitude(weight: torch.Tensor, hi_bits: torch.Tensor, k: int, bloc
     status int8 [R])``; status 1 marks a row with a non-finite value, 2 a row whose hi
     value overflows ``hi`` (the outputs of such rows are then incomplete).
     """
+    weight, hi_bits = weight.detach(), hi_bits.detach()  # .numpy() refuses autograd tensors
     rows, cols = weight.shape
     data = torch.empty(rows, cols // 8 * (8 + k), dtype=torch.uint8)
     mask = torch.empty(rows, cols // 8, dtype=torch.uint8)

@@ -367,12 +367,14 @@ def quantize(
     elements when numba is installed, else the torch reference; True/False force one or
     the other (False = always the reference). Both give identical bytes.
     """
+    weight = weight.detach()  # a Parameter is fine: packing is not differentiable
     try:
         if _use_fused(fused, weight.device, weight.numel()) and mask is None and params.selection is Selection.MAGNITUDE:
             packed = _quantize_fused(weight, params)
             if packed is not None:
                 return packed
-        return _quantize(weight, params, act_sq, mask)
+        with torch.no_grad():
+            return _quantize(weight, params, act_sq, mask)
     except UMQError as exc:
         raise exc.located(tensor=name)
 
