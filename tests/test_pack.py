@@ -216,6 +216,31 @@ def test_two_runs_identical_and_slabs_do_not_matter(sharded: Path, tmp_path: Pat
     assert tree_digest(third) == tree_digest(first) == tree_digest(fourth)
 
 
+def test_codec_calls_serialised_when_layer_is_not_thread_safe(sharded: Path, tmp_path: Path, monkeypatch) -> None:
+    """With numba's workqueue layer concurrent codec calls would abort: pack then
+    serialises them (and the bytes stay the same)."""
+    import umqcli.pack as pack_module
+
+    pack(sharded, tmp_path / "free", params=QuantParams(k=2), slab_elements=1000)
+    monkeypatch.setattr(pack_module, "_codec_concurrent", None)
+    monkeypatch.setattr(pack_module, "_layer_allows_concurrency", lambda: False)
+    active, overlaps = [0], [0]
+    real_quantize = pack_module.quantize
+
+    def watched(*args, **kwargs):
+        active[0] += 1
+        overlaps[0] = max(overlaps[0], active[0])
+        try:
+            return real_quantize(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(pack_module, "quantize", watched)
+    pack(sharded, tmp_path / "locked", params=QuantParams(k=2), slab_elements=1000, workers=2)
+    assert overlaps[0] == 1
+    assert tree_digest(tmp_path / "locked") == tree_digest(tmp_path / "free")
+
+
 # ------------------------------------------------------------------ values
 
 

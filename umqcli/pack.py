@@ -24,14 +24,17 @@ progress goes to a callback and the result is a :class:`PackSummary`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+import threading
 import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -242,6 +245,36 @@ def _slabs(rows: int, cols: int, slab_elements: int) -> list[tuple[int, int]]:
     return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
 
+# numba's "workqueue" threading layer (used when neither TBB nor OpenMP is available)
+# aborts the process on concurrent parallel calls from two Python threads; the OpenMP and
+# TBB layers, and torch, are fine. Codec calls are serialised until the layer is known to
+# allow concurrency.
+_CODEC_LOCK = threading.Lock()
+_codec_concurrent: bool | None = None  # None: not known yet
+
+
+def _layer_allows_concurrency() -> bool | None:
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return True  # the torch codec path: thread-safe
+    try:
+        return numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel numba function has run yet
+        return None
+
+
+@contextlib.contextmanager
+def _codec_guard() -> Iterator[None]:
+    """Run a codec call, serialised unless concurrent calls are known to be safe."""
+    global _codec_concurrent
+    if _codec_concurrent:
+        yield
+        return
+    with _CODEC_LOCK:
+        yield
+        _codec_concurrent = _layer_allows_concurrency()
+
+
 def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int, int], hi: HiFormat | None,
                    with_error: bool) -> tuple[PackedTensor, float, float, int]:
     """Read rows ``r0:r1`` and quantize them; also the squared error, the squared norm and
@@ -249,7 +282,8 @@ def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int,
     name = state.plan.name
     weight = checkpoint.get(name, rows=rows)
     params = state.plan.params if hi is None else state.plan.params.with_(hi=hi)
-    packed = quantize(weight, params, act_sq=state.act_sq, name=name)
+    with _codec_guard():
+        packed = quantize(weight, params, act_sq=state.act_sq, name=name)
     if not with_error:
         return packed, 0.0, 0.0, 0
     return (packed, *_slab_error(weight, packed))
@@ -272,7 +306,9 @@ def _slab_error(weight: torch.Tensor, packed: PackedTensor) -> tuple[float, floa
                               replace(packed.spec, shape=(sampled.shape[0], cols)))
         weight = sampled
     w = weight.float().reshape(-1)
-    diff = dequantize(packed, torch.float32).reshape(-1).sub_(w)
+    with _codec_guard():
+        decoded = dequantize(packed, torch.float32)
+    diff = decoded.reshape(-1).sub_(w)
     return float(torch.dot(diff, diff)), float(torch.dot(w, w)), weight.shape[0]
 
 
