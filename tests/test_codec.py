@@ -584,13 +584,17 @@ def test_hi_overflow_float16_refused_and_auto_picks_bfloat16(fused: bool) -> Non
 
 def test_bad_source_refused() -> None:
     """Shapes the codec cannot pack: 1-D, C not a multiple of 8, block not dividing C,
-    an integer dtype, activation without statistics."""
+    an integer dtype, activation without statistics or with statistics of the wrong
+    shape, NaN or negative."""
     assert _rule(lambda: codec.quantize(torch.ones(8), QuantParams())).rule == "shape"
     assert _rule(lambda: codec.quantize(torch.ones(2, 12), QuantParams())).rule == "shape"
     assert _rule(lambda: codec.quantize(torch.ones(2, 32), QuantParams(block=24))).rule == "block"
     assert _rule(lambda: codec.quantize(torch.ones(2, 8, dtype=torch.int32), QuantParams())).rule == "source-dtype"
     assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"))).rule == "activation-stats"
     assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"), act_sq=torch.ones(4))).rule == "activation-stats"
+    nan_stats = torch.tensor([1.0, float("nan"), 1, 1, 1, 1, 1, 1])
+    assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"), act_sq=nan_stats)).rule == "activation-stats"
+    assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"), act_sq=-torch.ones(8))).rule == "activation-stats"
 
 
 # --------------------------------------------------------------------------- fused pass

@@ -335,6 +335,11 @@ def select(
                 f"activation statistics have shape {tuple(act_sq.shape)}, expected ({weight.shape[1]},)",
                 rule="activation-stats",
             )
+        if not bool((torch.isfinite(act_sq) & (act_sq >= 0)).all()):
+            raise UMQError(
+                "activation statistics (E[x^2] per input channel) must be finite and >= 0",
+                rule="activation-stats",
+            )
     # The gain uses the hi rounding error, so resolve hi from the magnitude mask first
     # (only a float32 source with hi auto needs the mask for that).
     needs_mask = params.hi is None and weight.dtype == torch.float32
