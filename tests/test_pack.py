@@ -241,6 +241,26 @@ def test_codec_calls_serialised_when_layer_is_not_thread_safe(sharded: Path, tmp
     assert tree_digest(tmp_path / "locked") == tree_digest(tmp_path / "free")
 
 
+def test_crc32_combine_matches_zlib() -> None:
+    import random
+    import zlib
+
+    from umqcli.pack import crc32_combine
+
+    rng = random.Random(0)
+    for _ in range(50):
+        data = rng.randbytes(rng.randrange(0, 5000))
+        cut = rng.randrange(0, len(data) + 1)
+        a, b = data[:cut], data[cut:]
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+    big = rng.randbytes(3 << 20)
+    parts = [big[i:i + 1_000_003] for i in range(0, len(big), 1_000_003)]
+    crc = 0
+    for part in parts:
+        crc = crc32_combine(crc, zlib.crc32(part), len(part))
+    assert crc == zlib.crc32(big)
+
+
 # ------------------------------------------------------------------ values
 
 
