@@ -482,6 +482,7 @@ def test_reader_refuses_wrong_stored_shape(which: str) -> None:
 
 
 def test_reader_refuses_wrong_stored_dtype() -> None:
+    """A float64 scale tensor fails with rule stored-dtype."""
     packed = _packed()
     bad = codec.PackedTensor.from_stored(packed.spec, packed.data, packed.mask, packed.scale.double())
     assert _rule(lambda: bad.validate(name="w")).rule == "stored-dtype"
@@ -543,6 +544,7 @@ def test_spec_rules(change: dict, rule: str) -> None:
 
 
 def test_unknown_version_refused() -> None:
+    """umq.version "2" is refused with rule version, naming the file."""
     meta = encode_metadata({"w": _packed().spec})
     meta["umq.version"] = "2"
     err = _rule(lambda: decode_metadata(meta, file="x.safetensors"))

@@ -65,12 +65,14 @@ def test_quant_params_accept_strings_and_round_trip() -> None:
      ({"scale_rule": "mse"}, "scale_rule")],
 )
 def test_quant_params_refuse_bad_values(kwargs, rule) -> None:
+    """Each out-of-range or unknown parameter raises UMQError with its own rule."""
     with pytest.raises(UMQError) as info:
         QuantParams(**kwargs)
     assert info.value.rule == rule
 
 
 def test_quant_params_from_json_refuses_unknown_keys() -> None:
+    """An unknown key (a typo, a newer parameter) is refused, not ignored."""
     with pytest.raises(UMQError) as info:
         QuantParams.from_json({"k": 1, "bits": 4})
     assert info.value.rule == "params" and "bits" in info.value.message
@@ -96,6 +98,7 @@ def test_bits_per_element_follow_format_section_6(k: int) -> None:
 
 
 def test_spec_stored_shapes() -> None:
+    """Stored shapes of FORMAT §2: data [R, G*(8+k)], mask [R, G], scale [R, C/B]."""
     spec = _spec()
     assert spec.stored_shapes() == {DATA_SUFFIX: (6, 8 * 11), MASK_SUFFIX: (6, 8), SCALE_SUFFIX: (6, 2)}
     assert spec.groups == 8 and spec.group_bytes == 11 and spec.torch_dtype == torch.float16
@@ -119,12 +122,14 @@ def test_spec_json_round_trip_and_default_scale_rule() -> None:
      ({"crc32": {"data": 1, "mask": 2, "scale": 2**32}}, "crc32")],
 )
 def test_spec_refuses_each_rule(changes, rule) -> None:
+    """Each malformed umq.tensors field fails with its rule and names the tensor."""
     with pytest.raises(UMQError) as info:
         _spec(**changes)
     assert info.value.rule == rule and info.value.tensor == "w"
 
 
 def test_spec_refuses_missing_keys() -> None:
+    """An entry without crc32 fails with rule spec and names the missing key."""
     entry = _spec().to_json()
     del entry["crc32"]
     with pytest.raises(UMQError) as info:
@@ -152,12 +157,14 @@ def test_metadata_round_trip() -> None:
      ({"umq.version": "1", "umq.tensors": "[]"}, "spec")],
 )
 def test_decode_metadata_refuses(meta, rule) -> None:
+    """Unknown or missing umq.version, invalid JSON, a non-object: refused naming the file."""
     with pytest.raises(UMQError) as info:
         decode_metadata(meta, file="m.safetensors")
     assert info.value.rule == rule and info.value.file == "m.safetensors"
 
 
 def test_decode_metadata_names_file_and_tensor() -> None:
+    """A bad entry inside a header names file, tensor and rule, also in str()."""
     meta = encode_metadata({"x.weight": _spec()})
     meta["umq.tensors"] = meta["umq.tensors"].replace('"k":3', '"k":12')
     with pytest.raises(UMQError) as info:
@@ -168,6 +175,7 @@ def test_decode_metadata_names_file_and_tensor() -> None:
 
 
 def test_dtype_name() -> None:
+    """FORMAT dtype names for source dtypes; float64 is refused with rule source-dtype."""
     assert dtype_name(torch.bfloat16) == "bfloat16"
     with pytest.raises(UMQError) as info:
         dtype_name(torch.float64)
