@@ -324,6 +324,11 @@ def test_cli_json_png_and_errors(checkpoint: Path, tmp_path: Path):
     assert result.exit_code == 2
     assert "nope.safetensors" in result.output and "Traceback" not in result.output
 
+    result = runner.invoke(app, ["compare", str(checkpoint), "--png", str(tmp_path / "no" / "p.png")])
+    assert result.exit_code == 2 and "parent directory" in result.output
+    result = runner.invoke(app, ["compare", str(checkpoint), "--png", str(checkpoint)])
+    assert result.exit_code == 2 and "source checkpoint" in result.output
+
 
 def test_real_minilm_layer(minilm_path: Path):
     """On a real MiniLM weight: UMQ's error falls with k, error selection beats magnitude,

@@ -47,15 +47,19 @@ def compare_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the Gaussian inputs and row samples.")] = 0,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Tensors measured in parallel.")] = 2,
     per_tensor: Annotated[
-        bool, typer.Option("--per-tensor", help="Also print each tensor's best UMQ config and best baseline.")
+        bool, typer.Option("--per-tensor", help="Also print, per tensor, the most accurate format under each budget.")
     ] = False,
 ) -> None:
     """Bits per element (everything stored) and output error (relative Frobenius, SQNR)
     for UMQ configs (k 0/1/2/4 x lo x block row/32 x selection) and the seed baselines
     (FP8 per-channel and 1x128 blocks, MXFP8, INT8 per-channel, LLM.int8(), INT4 groups,
     NF4), per tensor and weighted by element count; the Pareto front is marked."""
-    if png is not None and png.exists() and src.exists() and png.resolve() == src.resolve():
-        raise fail(f"--png {png} is the source checkpoint; refusing to overwrite an input")
+    if png is not None:
+        # Fail before minutes of work, not after.
+        if png.exists() and src.exists() and png.resolve() == src.resolve():
+            raise fail(f"--png {png} is the source checkpoint; refusing to overwrite an input")
+        if not png.resolve().parent.is_dir():
+            raise fail(f"--png {png}: the parent directory does not exist")
     if as_json:
         report = compare_checkpoint(
             src, activations=activations, patterns=tensor or (), x_rows=x_rows,
