@@ -351,6 +351,29 @@ def test_recipe_and_stats(sharded: Path, tmp_path: Path) -> None:
         source.close()
 
 
+def test_recipe_via_cli(sharded: Path, tmp_path: Path) -> None:
+    from umqcli.recipe import Recipe, RecipeEntry
+
+    q = "model.layers.0.self_attn.q_proj.weight"
+    recipe = Recipe(tensors={q: RecipeEntry(QuantParams(k=3, lo="fp8_e5m2", block=32), 0.02, 12.0, "x"),
+                             "lm_head.weight": RecipeEntry(QuantParams(k=2))},
+                    defaults=QuantParams(k=0, lo="int8"))
+    path = recipe.save(tmp_path / "recipe.json")
+    # Recipe defaults for the tensors it does not name...
+    rows = {t["name"]: t for t in json.loads(
+        umq("pack", sharded, "-o", tmp_path / "a", "--recipe", path, "--json").stdout)["tensors"]}
+    assert rows[q]["params"]["k"] == 3 and rows[q]["params"]["lo"] == "fp8_e5m2" and rows[q]["reason"] == "recipe"
+    assert rows["lm_head.weight"]["action"] == "packed"  # named by the recipe: default exclusion lifted
+    other = rows["model.layers.1.mlp.up_proj.weight"]
+    assert other["params"]["k"] == 0 and other["params"]["lo"] == "int8" and other["reason"] == "recipe defaults"
+    # ...and flags override those defaults, never the recipe's own entries.
+    rows = {t["name"]: t for t in json.loads(
+        umq("pack", sharded, "-o", tmp_path / "b", "--recipe", path, "--k", "5", "--json").stdout)["tensors"]}
+    assert rows[q]["params"]["k"] == 3
+    other = rows["model.layers.1.mlp.up_proj.weight"]
+    assert other["params"]["k"] == 5 and other["params"]["lo"] == "int8" and other["reason"] == "flags"
+
+
 # ------------------------------------------------------------------ bad input via the CLI
 
 
