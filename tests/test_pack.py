@@ -140,6 +140,17 @@ def test_minilm_roundtrip(minilm_packed) -> None:
     assert events[-1].tensors_done == events[-1].tensors_total == 104
 
 
+def test_minilm_output_passes_inspect_check(minilm_packed) -> None:
+    from umqcli.inspect import check_checkpoint, inspect_checkpoint
+
+    out, summary, _ = minilm_packed
+    report = check_checkpoint(out)
+    assert report.tensors_checked == 37 and report.passthrough == 67
+    assert report.bytes_checked == sum(t.bytes_out for t in summary.packed)
+    (query,) = inspect_checkpoint(out, tensor="encoder.layer.0.attention.self.query.weight").tensors
+    assert query.column_density.mean().item() == pytest.approx(1 / 8)  # k = 1 of every 8
+
+
 def test_minilm_directory_mirrored(minilm_packed) -> None:
     out, summary, _ = minilm_packed
     src = minilm_dir()
