@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..compare import CompareReport, compare_checkpoint, plot_report
 from ..errors import UMQError
@@ -132,24 +133,23 @@ def format_table(report: CompareReport) -> Table:
         title=f"umq compare {report.source}: {len(report.tensors)} tensors, "
         f"{report.elements:,} elements, {inputs}"
         + (", sampled output rows" if sampled else ""),
-        caption="★ = Pareto front (no format has fewer bits and lower error). Errors are "
-        "element-weighted RMS over tensors of ||X(W-Ŵ)ᵀ||/||XWᵀ||.",
+        caption="★ = Pareto front (no format has fewer bits and lower error). bits: stored "
+        "bits per element; out err: ||X(W-Ŵ)ᵀ||/||XWᵀ||, w err: ||W-Ŵ||/||W||, both "
+        "element-weighted RMS over tensors.",
         show_header=True,
     )
-    table.add_column("", justify="center")
+    table.add_column("", justify="center", no_wrap=True)
     table.add_column("format", no_wrap=True)
-    table.add_column("family", no_wrap=True)
-    table.add_column("bits/elem", justify="right")
-    table.add_column("output rel. err", justify="right")
-    table.add_column("SQNR dB", justify="right")
-    table.add_column("weight rel. err", justify="right")
+    table.add_column("bits", justify="right", no_wrap=True)
+    table.add_column("out err", justify="right", no_wrap=True)
+    table.add_column("SQNR dB", justify="right", no_wrap=True)
+    table.add_column("w err", justify="right", no_wrap=True)
     table.add_column("note", overflow="fold")
     for r in report.formats:
         style = "bold" if r.pareto else None
         table.add_row(
             "★" if r.pareto else "",
             r.name,
-            r.format.family,
             "-" if r.bits is None else f"{r.bits:.3f}",
             _err(r.rel_error),
             _db(r.sqnr_db),
@@ -161,21 +161,24 @@ def format_table(report: CompareReport) -> Table:
 
 
 def budget_table(report: CompareReport) -> Table:
-    table = Table(title="best at each budget (bits per element at most)", show_header=True)
-    table.add_column("budget", justify="right")
+    table = Table(
+        title="best at each budget (bits per element at most); the winner in bold green",
+        show_header=True,
+    )
+    table.add_column("budget", justify="right", no_wrap=True)
     table.add_column("best UMQ config", no_wrap=True)
-    table.add_column("its error", justify="right")
+    table.add_column("its err", justify="right", no_wrap=True)
     table.add_column("best baseline", no_wrap=True)
-    table.add_column("its error", justify="right")
-    table.add_column("winner", no_wrap=True)
+    table.add_column("its err", justify="right", no_wrap=True)
     for b in report.budgets:
+        umq_style = "bold green" if b.winner and b.winner == b.best_umq else ""
+        base_style = "bold green" if b.winner and b.winner == b.best_baseline else ""
         table.add_row(
             f"{b.bits:.3f}",
-            b.best_umq or "(none fits)",
-            _err(b.best_umq_error),
-            b.best_baseline or "(none fits)",
-            _err(b.best_baseline_error),
-            b.winner or "-",
+            Text(b.best_umq or "(none fits)", style=umq_style),
+            Text(_err(b.best_umq_error), style=umq_style),
+            Text(b.best_baseline or "(none fits)", style=base_style),
+            Text(_err(b.best_baseline_error), style=base_style),
         )
     return table
 
