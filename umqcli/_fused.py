@@ -232,9 +232,9 @@ if numba is not None:
             buf = np.empty(data.shape[1] + 1, dtype=np.uint8)
             amax = np.empty(cols // block, dtype=np.float32)
             for c in range(cols):
-                values[c] = lut[src[r, c]]
-            for c in range(cols):
-                absv[c] = abs(values[c])
+                value = lut[src[r, c]]
+                values[c] = value
+                absv[c] = abs(value)
             status[r] = _pack_row(
                 values, absv, hi_bits[r], check_hi, k, block, lo, hi_kind, codes, buf, data[r], mask[r], scale[r], amax
             )
