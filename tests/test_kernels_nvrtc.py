@@ -50,3 +50,14 @@ def test_shim_selftest_kernels_are_plain_cuda():
     shim's barrier is about CUDA code, not about something only the shim accepts."""
     result = nvrtc.compile_kernel("shim_selftest.cu", "sm_80")
     assert result.binary[:4] == b"\x7fELF"
+
+
+def test_compiling_leaves_python_constants_alone():
+    """NVRTC writes its log and binaries into the buffers it is given; an immutable
+    ``b" " * n`` buffer of size 1 is CPython's shared one-byte ``b" "``, so a clean compile
+    (empty log) used to turn every later ``b" "`` in the process into ``b"\\x00"`` (which
+    broke the safetensors writer's header padding in the same test run)."""
+    nvrtc.compile_kernel("umq_matmul.cu", "sm_80")
+    space = bytes([32])
+    assert b" " == space and b" " * 3 == space * 3
+    assert bytes(1) == b"\x00"

@@ -108,16 +108,16 @@ def compile_kernel(source: str, arch: str) -> CompileResult:
         if arch.startswith("sm_"):
             status, size = nvrtc.nvrtcGetCUBINSize(program)
             _check(status, "nvrtcGetCUBINSize")
-            binary = b" " * size
+            binary = bytearray(size)
             (status,) = nvrtc.nvrtcGetCUBIN(program, binary)
             _check(status, "nvrtcGetCUBIN")
         else:
             status, size = nvrtc.nvrtcGetPTXSize(program)
             _check(status, "nvrtcGetPTXSize")
-            binary = b" " * size
+            binary = bytearray(size)
             (status,) = nvrtc.nvrtcGetPTX(program, binary)
             _check(status, "nvrtcGetPTX")
-        return CompileResult(source=source, arch=arch, binary=binary, log=log)
+        return CompileResult(source=source, arch=arch, binary=bytes(binary), log=log)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 
@@ -127,10 +127,13 @@ def _program_log(program) -> str:
 
     status, size = nvrtc.nvrtcGetProgramLogSize(program)
     _check(status, "nvrtcGetProgramLogSize")
-    log = b" " * size
+    # NVRTC writes into the buffer: it must be mutable. (`b" " * size` would be written
+    # through, and for size 1 -- an empty log -- that is CPython's shared one-byte b" "
+    # object, turning every later b" " in the process into b"\x00".)
+    log = bytearray(size)
     (status,) = nvrtc.nvrtcGetProgramLog(program, log)
     _check(status, "nvrtcGetProgramLog")
-    return log.rstrip(b"\x00 ").decode(errors="replace").strip()
+    return bytes(log).rstrip(b"\x00 ").decode(errors="replace").strip()
 
 
 def compile_all(archs: tuple[str, ...] = CI_ARCHITECTURES + (PTX_ARCHITECTURE,)) -> list[CompileResult]:
