@@ -79,6 +79,11 @@ def test_umq_select_needs_activation_stats():
     with pytest.raises(UMQError) as info:
         umq_select(w, QuantParams(k=1, selection=Selection.ACTIVATION), None, {})
     assert info.value.rule == "activation-stats"
+    bad = _act_sq(w.shape[1])
+    bad[3] = -1.0
+    with pytest.raises(UMQError) as info:
+        umq_select(w, QuantParams(k=1, selection=Selection.ACTIVATION), bad, {})
+    assert info.value.rule == "activation-stats"
 
 
 def test_umq_names_are_unique_and_readable():

@@ -163,7 +163,12 @@ def umq_select(
         return magnitude, hi
     channel = None
     if params.selection is Selection.ACTIVATION:
-        if act_sq is None or tuple(act_sq.shape) != (weight.shape[1],):
+        usable = (
+            act_sq is not None
+            and tuple(act_sq.shape) == (weight.shape[1],)
+            and bool((torch.isfinite(act_sq) & (act_sq >= 0)).all())
+        )
+        if not usable:
             return codec.select(weight, params, act_sq=act_sq)  # raises the codec's error
         channel = act_sq
     block = params.resolve_block(weight.shape[1])
