@@ -33,7 +33,7 @@ def calibrate_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 8,
     sample_rows: Annotated[int, typer.Option("--sample-rows", min=0, help="Real input rows kept per layer in the stats file.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the row sample (same data + seed = same statistics).")] = 0,
-    max_rows: Annotated[int, typer.Option("--max-rows", min=0, help="Weight rows used to estimate each candidate's error (0 = all).")] = 256,
+    max_rows: Annotated[int, typer.Option("--max-rows", min=0, help="Estimate each candidate's error on this many evenly spaced weight rows (0 = all rows, the default: rows with outlier weights make subsets unreliable).")] = 0,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only search tensors matching this glob or re:regex (as umq pack).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never search tensors matching this glob or re:regex (as umq pack).")] = None,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads for running the model (0 = torch's default). The search itself runs single-threaded.")] = 0,
