@@ -611,7 +611,7 @@ def compare_checkpoint(
     an empty selection.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .io import open_checkpoint
 
@@ -655,11 +655,22 @@ def compare_checkpoint(
         torch.set_num_threads(1)
         try:
             progress("compare", 0, len(names))
+            # Largest weights first, so that no big one is left running alone at the end;
+            # the report keeps the checkpoint's order.
+            numel = {n: math.prod(checkpoint.info(n)[1]) for n in names}
+            by_name = {}
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                outcomes = []
-                for done, outcome in enumerate(pool.map(measure, names), start=1):
-                    outcomes.append(outcome)
-                    progress("compare", done, len(names))
+                futures = {pool.submit(measure, n): n for n in sorted(names, key=lambda n: -numel[n])}
+                try:
+                    for done, future in enumerate(as_completed(futures), start=1):
+                        by_name[futures[future]] = future.result()
+                        progress("compare", done, len(names))
+                except BaseException:
+                    # A bad tensor or Ctrl-C: do not start the queued ones.
+                    for future in futures:
+                        future.cancel()
+                    raise
+            outcomes = [by_name[n] for n in names]
         finally:
             torch.set_num_threads(threads)
 
