@@ -73,6 +73,10 @@ class KernelRunner(Protocol):
 @lru_cache(maxsize=1)
 def _probe() -> str | None:
     """None when CuPy and a device are usable, else the reason why not."""
+    # The cheap test first: a CPU-only torch cannot hand tensors to a GPU kernel anyway,
+    # and importing CuPy costs a few hundred ms on every CLI run.
+    if not torch.cuda.is_available():
+        return "this torch build or machine has no CUDA device (torch.cuda.is_available() is False)"
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install
@@ -83,8 +87,6 @@ def _probe() -> str | None:
         return f"no usable CUDA device ({exc})"
     if count <= 0:
         return "no CUDA device found"
-    if not torch.cuda.is_available():
-        return "CuPy sees a device but this torch build has no CUDA support"
     return None
 
 
