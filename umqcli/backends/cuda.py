@@ -134,11 +134,13 @@ class CupyRunner:
     def launch(self, source, kernel, grid, block, args) -> None:
         cupy = self._cupy
         function = self.module(source).get_function(kernel)
-        converted = tuple(
-            cupy.from_dlpack(arg) if isinstance(arg, torch.Tensor) else cupy.int32(arg) for arg in args
-        )
         stream = torch.cuda.current_stream(self.device)
         with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+            # Inside the stream context DLPack exchanges on torch's own stream: no copy,
+            # no extra synchronisation.
+            converted = tuple(
+                cupy.from_dlpack(arg) if isinstance(arg, torch.Tensor) else cupy.int32(arg) for arg in args
+            )
             function(grid, block, converted)
 
 
