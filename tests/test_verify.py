@@ -159,10 +159,15 @@ def test_corrupted_byte_is_exit_2(small, tmp_path):
     raw = bytearray(corrupted.read_bytes())
     raw[offset] ^= 0x01  # flip one bit of one lo code: still a valid code, only the crc knows
     corrupted.write_bytes(bytes(raw))
-    result = umq("verify", corrupted, "--backend", "torch")
+    junit = tmp_path / "corrupted.xml"
+    result = umq("verify", corrupted, "--backend", "torch", "--junit", junit)
     assert result.exit_code == 2
     assert "crc32" in result.stderr and name in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    # CI still gets a JUnit report that says why
+    suite = ElementTree.parse(junit).getroot()
+    assert suite.get("errors") == "1" and suite.find("testcase").get("name") == name
+    assert suite.find("testcase/error").get("type") == "crc32"
     with pytest.raises(UMQError) as info:
         verify(corrupted, backend="torch")
     assert info.value.rule == "crc32" and info.value.tensor == name

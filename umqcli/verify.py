@@ -505,6 +505,20 @@ def junit_xml(report: VerifyReport) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(suite, encoding="unicode") + "\n"
 
 
+def junit_error_xml(packed: str | Path, error: UMQError) -> str:
+    """A JUnit XML document for a run that stopped on invalid input (exit 2): one
+    ``<testcase>`` (the tensor at fault, or ``integrity``) with an ``<error>`` of the rule,
+    so CI shows why instead of a missing report."""
+    suite = ElementTree.Element("testsuite", name="umq verify", tests="1", failures="0", errors="1",
+                                skipped="0", time="0")
+    case = ElementTree.SubElement(
+        suite, "testcase", classname=f"umq.verify.{Path(packed).name}", name=error.tensor or "integrity", time="0"
+    )
+    ElementTree.SubElement(case, "error", message=str(error), type=error.rule).text = str(error)
+    ElementTree.indent(suite)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(suite, encoding="unicode") + "\n"
+
+
 def _summary_line(result: TensorResult) -> str:
     e = result.error
     parts = [

@@ -11,7 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..io import atomic_output
-from ..verify import DEFAULT_MAX_REL_ERROR, DEFAULT_ROWS, DEFAULT_SEED, VerifyReport, junit_xml, verify
+from ..errors import UMQError
+from ..verify import (
+    DEFAULT_MAX_REL_ERROR, DEFAULT_ROWS, DEFAULT_SEED, VerifyReport, junit_error_xml, junit_xml, verify,
+)
 from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, err_console, error_boundary, print_json
 
 
@@ -45,28 +48,41 @@ def verify_command(
         reference=reference, activations=activations, backend=backend.value, rows=rows,
         max_rel_error=max_rel_error, tensors=tensor or (), seed=seed,
     )
-    if as_json:
-        report = verify(packed, **options)
-    else:
-        progress = Progress(
-            TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}", style="dim"), console=err_console, transient=True,
-        )
-        with progress:
-            task = progress.add_task("integrity", total=None)
-
-            def on_progress(name: str, done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total, description=name)
-
-            report = verify(packed, progress=on_progress, **options)
+    try:
+        report = _run(packed, options, as_json)
+    except UMQError as exc:
+        if junit is not None:  # CI still gets a report saying why (then exit 2)
+            _write_junit(junit, junit_error_xml(packed, exc))
+        raise
     if junit is not None:
-        with atomic_output(junit, force=True) as tmp:
-            tmp.write_text(junit_xml(report), encoding="utf-8")
+        _write_junit(junit, junit_xml(report))
     if as_json:
         print_json(report.to_json())
     else:
         render_report(report)
     raise typer.Exit(EXIT_OK if report.passed else EXIT_THRESHOLD)
+
+
+def _write_junit(path: Path, text: str) -> None:
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _run(packed: Path, options: dict, as_json: bool) -> VerifyReport:
+    """verify(), with a progress bar on stderr unless the output is JSON."""
+    if as_json:
+        return verify(packed, **options)
+    progress = Progress(
+        TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", style="dim"), console=err_console, transient=True,
+    )
+    with progress:
+        task = progress.add_task("integrity", total=None)
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        return verify(packed, progress=on_progress, **options)
 
 
 def _pct(value: float) -> str:
