@@ -15,7 +15,9 @@ Throughput is source elements per second (and source GB/s, 2 bytes per element);
 "x plain" is the row's throughput over the plain cast's (quantize: >= 0.5 is the target).
 Each row is timed alternately with the plain cast, ``--repeat`` times each after one
 warm-up (which also loads or compiles the numba code); times are medians and "x plain"
-is the median of the per-pair ratios, so that both sides of a ratio saw the same load. Before timing, every umq row is checked to decode to a relative error
+is the median of the per-pair ratios, so that both sides of a ratio saw the same load;
+"(cpu)" is the same ratio on process CPU time (all threads), which the other jobs of a
+shared machine disturb least. Before timing, every umq row is checked to decode to a relative error
 below 4 % and the fused and reference bytes are checked to be identical.
 """
 
@@ -55,21 +57,29 @@ def plain_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(scale).to(torch.float16)
 
 
-def timed_pair(baseline, candidate, repeat: int) -> tuple[float, float, float]:
+def timed_pair(baseline, candidate, repeat: int) -> tuple[float, float, float, float]:
     """Time ``baseline`` and ``candidate`` alternately, ``repeat`` times each after one
     warm-up call of both, so that both see the same machine load (this machine is shared).
-    Returns (median baseline s, median candidate s, median of per-pair speed ratios
-    baseline / candidate)."""
+    Returns (median baseline wall s, median candidate wall s, median of the per-pair wall
+    ratios baseline / candidate, ratio of the median process CPU times baseline /
+    candidate). CPU time is what the machine's other jobs disturb least."""
     baseline()
     candidate()
-    base_times, cand_times = [], []
+    wall = {0: [], 1: []}
+    cpu = {0: [], 1: []}
     for _ in range(repeat):
-        for fn, times in ((baseline, base_times), (candidate, cand_times)):
-            start = time.perf_counter()
+        for which, fn in ((0, baseline), (1, candidate)):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times.append(time.perf_counter() - start)
-    ratios = [b / c for b, c in zip(base_times, cand_times)]
-    return statistics.median(base_times), statistics.median(cand_times), statistics.median(ratios)
+            wall[which].append(time.perf_counter() - start)
+            cpu[which].append(time.process_time() - start_cpu)
+    ratios = [b / c for b, c in zip(wall[0], wall[1])]
+    return (
+        statistics.median(wall[0]),
+        statistics.median(wall[1]),
+        statistics.median(ratios),
+        statistics.median(cpu[0]) / statistics.median(cpu[1]),
+    )
 
 
 def main() -> None:
@@ -99,9 +109,9 @@ def main() -> None:
     q, scale = plain_cast(weight)
     base_quantize = lambda: plain_cast(weight)  # noqa: E731
     base_decode = lambda: plain_decode(q, scale)  # noqa: E731
-    base_q, _, _ = timed_pair(base_quantize, base_quantize, args.repeat)
-    base_d, _, _ = timed_pair(base_decode, base_decode, args.repeat)
-    rows.append(("plain fp8 cast (per-row e4m3)", base_q, 1.0, base_d, 1.0))
+    base_q = timed_pair(base_quantize, base_quantize, args.repeat)[0]
+    base_d = timed_pair(base_decode, base_decode, args.repeat)[0]
+    rows.append(("plain fp8 cast (per-row e4m3)", base_q, 1.0, 1.0, base_d, 1.0, 1.0))
 
     configs = []
     for k in (1, 2, 4):
@@ -118,25 +128,25 @@ def main() -> None:
         if fused:
             reference = codec.quantize(weight, params, fused=False)
             assert torch.equal(reference.data, packed.data) and torch.equal(reference.scale, packed.scale)
-        _, quantize_s, quantize_ratio = timed_pair(
+        _, quantize_s, quantize_ratio, quantize_cpu = timed_pair(
             base_quantize, lambda: codec.quantize(weight, params, fused=fused), args.repeat
         )
-        _, decode_s, decode_ratio = timed_pair(
+        _, decode_s, decode_ratio, decode_cpu = timed_pair(
             base_decode, lambda: codec.dequantize(packed, fused=fused), args.repeat
         )
-        rows.append((label, quantize_s, quantize_ratio, decode_s, decode_ratio))
+        rows.append((label, quantize_s, quantize_ratio, quantize_cpu, decode_s, decode_ratio, decode_cpu))
 
     header = (
-        f"{'path':32} {'quantize ms':>11} {'Melem/s':>8} {'GB/s':>6} {'x plain':>8} "
-        f"{'decode ms':>10} {'Melem/s':>8} {'x plain':>8}"
+        f"{'path':32} {'quantize ms':>11} {'Melem/s':>8} {'GB/s':>6} {'x plain':>8} {'(cpu)':>6} "
+        f"{'decode ms':>10} {'Melem/s':>8} {'x plain':>8} {'(cpu)':>6}"
     )
     print(header)
     print("-" * len(header))
-    for label, quantize_s, quantize_ratio, decode_s, decode_ratio in rows:
+    for label, quantize_s, quantize_ratio, quantize_cpu, decode_s, decode_ratio, decode_cpu in rows:
         print(
             f"{label:32} {quantize_s * 1e3:11.1f} {elements / quantize_s / 1e6:8.1f} "
-            f"{2 * elements / quantize_s / 1e9:6.2f} {quantize_ratio:8.2f} "
-            f"{decode_s * 1e3:10.1f} {elements / decode_s / 1e6:8.1f} {decode_ratio:8.2f}"
+            f"{2 * elements / quantize_s / 1e9:6.2f} {quantize_ratio:8.2f} {quantize_cpu:6.2f} "
+            f"{decode_s * 1e3:10.1f} {elements / decode_s / 1e6:8.1f} {decode_ratio:8.2f} {decode_cpu:6.2f}"
         )
 
 if __name__ == "__main__":
