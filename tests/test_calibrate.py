@@ -372,8 +372,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path):
     cases = [
         (["calibrate", str(src), "-o", str(tmp_path / "r.json")], "exactly one of"),
         (["calibrate", str(src), "-o", str(tmp_path / "r.json"), "--budget-bits", "8"], "below the cheapest"),
+        (["calibrate", str(src), "-o", str(tmp_path / "r.json"), "--budget-bits", "10", "--data", str(tmp_path),
+          "--stats-out", str(tmp_path / "s.safetensors")], "Hugging Face model directory"),
         (["calibrate", str(src), "-o", str(tmp_path / "r.json"), "--budget-bits", "10", "--data", str(tmp_path)],
-         "Hugging Face model directory"),
+         "--stats-out"),
         (["calibrate", str(src), "-o", str(tmp_path / "r.json"), "--budget-bits", "10", "--candidates", "k=12"],
          "candidate"),
         (["calibrate", str(src), "-o", str(tmp_path / "r.json"), "--budget-bits", "10", "--stats", str(src)],

@@ -48,6 +48,9 @@ def calibrate_command(
     """
     if (budget_bits is None) == (max_rel_error is None):
         raise UMQError("give exactly one of --budget-bits and --max-rel-error", rule="target")
+    if data is not None and stats_out is None:
+        raise UMQError("--data needs --stats-out: `umq pack --stats` (activation selection) and "
+                       "`umq verify --activations` read the statistics", rule="options")
     space = CandidateSpace.parse(candidates)
     if threads:
         import torch
