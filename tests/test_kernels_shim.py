@@ -11,7 +11,6 @@ through ``kernels/host_shim.h`` and launched by the real ``CudaBackend`` launche
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 import torch
@@ -212,15 +211,12 @@ def test_matmul_every_k_lo_and_block(shim, source_dtype):
         assert float(((y - twin).abs().double() - 2 * dot_error_bound(x.float(), packed)).max()) <= 0.0
 
 
-def test_matmul_64x256x128_runs_fast(shim):
-    """The issue's reference size: 4 blocks of 256 fiber-threads, 4 K steps each."""
+def test_matmul_64x256x128(shim):
+    """The issue's reference size: 4 blocks of 256 fiber-threads, 4 K steps each (its
+    timing is in benchmarks/kernels_shim.py, not here)."""
     packed = quantize(weight(256, 128, torch.float32, seed=9), QuantParams(k=4, lo="int8", block=32))
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
-    start = time.perf_counter()
-    y = shim.matmul(x, packed)
-    elapsed = time.perf_counter() - start
-    assert_matmul_close(y, x, packed)
-    assert elapsed < 5.0  # ~0.03 s here; generous for a loaded CI core, catches a hang-like regression
+    assert_matmul_close(shim.matmul(x, packed), x, packed)
 
 
 def test_matmul_leading_dims_and_empty_input(shim):
