@@ -713,13 +713,19 @@ def explain(choices: Sequence[TensorChoice]) -> None:
         if c.act_peak_ratio >= 10:
             facts.append(f"E[x^2] peak {c.act_peak_ratio:.0f}x mean")
         at_median = [x for x in c.candidates if x.params.k == median_k]
-        ref = min(at_median, key=lambda x: (x.error, x.bits)) if at_median else None
-        if k != median_k and ref is not None:
-            ratio = ref.error / chosen.error if chosen.error > 0 else math.inf
-            more = "more" if k > median_k else "fewer"
-            why = (f"k={k}, {more} hi slots than the median k={median_k}: predicted error "
-                   f"{chosen.rel_error:.2e} vs {ref.rel_error:.2e} for the best k={median_k} "
-                   f"(error energy {ratio:.1f}x lower) at {chosen.bits - ref.bits:+.2f} bits")
+        # compare like with like: the same lo, block and selection at the median k if
+        # that was evaluated, so the bit difference is the hi slots alone
+        same = [x for x in at_median if (x.params.lo, x.params.block, x.params.selection)
+                == (chosen.params.lo, chosen.params.block, chosen.params.selection)]
+        ref = min(same or at_median, key=lambda x: (x.error, x.bits)) if at_median else None
+        if k > median_k and ref is not None:
+            why = (f"k={k}, more hi slots than the median k={median_k}: {chosen.bits - ref.bits:+.2f} bits "
+                   f"cut the predicted error from {ref.rel_error:.2e} to {chosen.rel_error:.2e}, "
+                   f"a hi slot saves more error per bit here than elsewhere")
+        elif k < median_k and ref is not None:
+            why = (f"k={k}, fewer hi slots than the median k={median_k}: saves {ref.bits - chosen.bits:.2f} "
+                   f"bits for a predicted error of {chosen.rel_error:.2e} instead of {ref.rel_error:.2e}, "
+                   f"a hi slot saves less error per bit here than elsewhere")
         else:
             why = f"k={k} (median)"
         c.reason = "; ".join([why] + facts)
