@@ -165,19 +165,19 @@ if numba is not None:
         # ranks are a permutation of 0..7, so the largest lo magnitude of the group is
         # the one of rank k (none when k == 8).
         for g in range(groups):
-            base = g * 8
+            base = np.uint64(g * 8)
             byte = 0
             lo_max = np.float32(0.0)
             for i in range(8):
-                a_i = absv[base + i]
+                a_i = absv[base + np.uint64(i)]
                 rank = 0
                 for j in range(8):
-                    a_j = absv[base + j]
+                    a_j = absv[base + np.uint64(j)]
                     rank += (a_j > a_i) | ((a_j == a_i) & (j < i))
                 byte |= np.int64(rank < k) << i
                 lo_max += a_i * np.float32(rank == k)  # adds one value and seven zeros
             mask_row[g] = byte
-            b = base // block
+            b = (g * 8) // block
             if lo_max > amax[b]:
                 amax[b] = lo_max
         if check_hi:  # hi patterns converted from another dtype may overflow it
@@ -196,7 +196,7 @@ if numba is not None:
                 for c in range(b * block, (b + 1) * block):
                     codes[c] = 0
             else:
-                for c in range(b * block, (b + 1) * block):
+                for c in range(np.uint64(b * block), np.uint64((b + 1) * block)):
                     x = min(max(values[c] / s, -limit), limit)
                     codes[c] = _encode_lo(x, lo)
         if k == 0:
@@ -206,18 +206,21 @@ if numba is not None:
         # Interleave (FORMAT §3) without branches: always write the hi high byte one
         # place on; a lo element's spill is overwritten by the next element (``buf``
         # has one spare byte for the row's last one).
-        offset = 0
+        # Unsigned indices spare numba's negative-index wraparound on every access.
+        one, low_byte = np.uint64(1), np.uint64(0xFF)
+        offset = np.uint64(0)
         for g in range(groups):
-            byte = mask_row[g]
-            base = g * 8
+            byte = np.uint64(mask_row[g])
+            base = np.uint64(g * 8)
             for i in range(8):
-                hi = np.int64((byte >> i) & 1)
-                h = np.int64(hi_row[base + i])
-                code = np.int64(codes[base + i])
+                position = np.uint64(i)
+                hi = (byte >> position) & one
+                h = np.uint64(hi_row[base + position])
+                code = np.uint64(codes[base + position])
                 # Select by arithmetic, not a branch: the mask bits are data.
-                buf[offset] = code ^ ((code ^ (h & 0xFF)) & -hi)
-                buf[offset + 1] = h >> 8
-                offset += 1 + hi
+                buf[offset] = code ^ ((code ^ (h & low_byte)) & (np.uint64(0) - hi))
+                buf[offset + one] = h >> np.uint64(8)
+                offset += one + hi
         for c in range(data_row.shape[0]):
             data_row[c] = buf[c]
         return 0
@@ -269,31 +272,34 @@ if numba is not None:
             status[r] = used > width
             if used > width:
                 continue
-            offset = 0
+            # Unsigned indices spare numba's negative-index wraparound on every access.
+            data_row, out16_row, out32_row = data[r], out16[r], out32[r]
+            last = np.uint64(width - 1)
+            offset = np.uint64(0)
             for g in range(groups):
-                byte = mask[r, g]
+                byte = np.uint64(mask[r, g])
                 s = scale[r, (g * 8) // block]
                 for i in range(8):
-                    c = g * 8 + i
-                    hi = (byte >> i) & 1
-                    low = data[r, offset]
+                    c = np.uint64(g * 8 + i)
+                    hi = (byte >> np.uint64(i)) & np.uint64(1)
+                    low = data_row[offset]
                     # The high byte of a hi value; for a lo element at the row's end the
                     # read is clamped into the row (and unused).
-                    high = data[r, min(offset + 1, width - 1)]
-                    offset += 1 + hi
+                    high = data_row[min(offset + np.uint64(1), last)]
+                    offset += np.uint64(1) + hi
                     pattern = np.int64(low) | (np.int64(high) << 8)
                     # Both values are computed and one is selected (the mask bits are
                     # data: a branch on them would mispredict).
                     lo_value = lo_table[low] * s
                     hi_value = hi_table[pattern]
                     if out_kind == 0:
-                        out32[r, c] = hi_value if hi else lo_value
+                        out32_row[c] = hi_value if hi else lo_value
                     elif hi_same:
                         lo16 = _f32_to_f16(lo_value) if out_kind == 1 else _f32_to_bf16(lo_value)
-                        out16[r, c] = lo16 ^ ((lo16 ^ pattern) & -np.int64(hi))
+                        out16_row[c] = lo16 ^ ((lo16 ^ pattern) & -np.int64(hi))
                     else:
                         value = hi_value if hi else lo_value
-                        out16[r, c] = _f32_to_f16(value) if out_kind == 1 else _f32_to_bf16(value)
+                        out16_row[c] = _f32_to_f16(value) if out_kind == 1 else _f32_to_bf16(value)
 
 
 _LAUNCHED = False
@@ -371,10 +377,11 @@ def dequantize(data: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, k: i
     hi_dtype = torch.float16 if hi == "float16" else torch.bfloat16
     if out_kind == 0:
         out = torch.empty(rows, cols, dtype=torch.float32)
-        out32, out16 = out.numpy(), np.empty((1, 1), dtype=np.uint16)
+        # The unused output is an empty [R, 0] array, so that its row views stay valid.
+        out32, out16 = out.numpy(), np.empty((rows, 0), dtype=np.uint16)
     else:
         out = torch.empty(rows, cols, dtype=dtype)
-        out16, out32 = out.view(torch.int16).numpy().view(np.uint16), np.empty((1, 1), dtype=np.float32)
+        out16, out32 = out.view(torch.int16).numpy().view(np.uint16), np.empty((rows, 0), dtype=np.float32)
     status = np.empty(rows, dtype=np.int8)
     _follow_torch_threads()
     _dequantize(
