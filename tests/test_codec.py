@@ -424,7 +424,7 @@ def test_magnitude_tie_break_and_signed_zero() -> None:
 
 def test_given_mask_overrides_selection() -> None:
     """A caller's mask is used as given (the spec keeps the selection name); a mask with
-    the wrong count is refused with rule popcount."""
+    the wrong count is refused with rule popcount, one of the wrong shape with rule shape."""
     weight = heavy_tailed(4, 32, 3)
     mask = torch.zeros(4, 32, dtype=torch.bool)
     mask[:, 7::8] = True
@@ -434,6 +434,7 @@ def test_given_mask_overrides_selection() -> None:
     with pytest.raises(UMQError) as info:
         codec.quantize(weight, QuantParams(k=1), mask=mask, name="w")
     assert info.value.rule == "popcount" and info.value.tensor == "w"
+    assert _rule(lambda: codec.quantize(weight, QuantParams(k=1), mask=mask[:, :16])).rule == "shape"
 
 
 def test_byte_layout_matches_format_picture() -> None:
@@ -650,8 +651,8 @@ def test_fused_float32_to_16bit_casts_match_torch(hi: HiFormat) -> None:
 
 def test_fused_large_tensor_matches_reference() -> None:
     """Above FUSED_MIN_ELEMENTS the default path is the fused one: on a 256 x 512 fp16
-    heavy-tailed tensor (k=3, block 64) bytes, spec and decode equal the reference's; an
-    nn.Parameter is accepted by both paths."""
+    heavy-tailed tensor (k=3, block 64) bytes, spec and decode equal the reference's; a
+    non-contiguous view and an nn.Parameter are accepted by both paths."""
     weight = heavy_tailed(256, 512, 8, torch.float16)
     assert weight.numel() >= codec.FUSED_MIN_ELEMENTS
     params = QuantParams(k=3, lo="fp8_e4m3", block=64)
@@ -662,6 +663,11 @@ def test_fused_large_tensor_matches_reference() -> None:
     assert raw_bytes(default.mask) == raw_bytes(reference.mask)
     assert raw_bytes(default.scale) == raw_bytes(reference.scale)
     assert raw_bytes(codec.dequantize(default)) == raw_bytes(codec.dequantize(default, fused=False))
+    # A transposed (non-contiguous) view packs like its contiguous copy on both paths.
+    transposed = weight.t().contiguous().t()
+    assert not transposed.is_contiguous()
+    for fused in (True, False):
+        assert raw_bytes(codec.quantize(transposed, params, fused=fused).data) == raw_bytes(reference.data)
     # An nn.Parameter (requires_grad) packs to the same bytes on both paths, without grad.
     parameter = torch.nn.Parameter(weight.float())
     for fused in (True, False):

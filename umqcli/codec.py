@@ -319,6 +319,7 @@ def select(
     act_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HiFormat]:
     """bool ``[R, C]`` hi mask for ``params.selection`` and the resolved hi format."""
+    weight = weight.contiguous()
     weight32 = weight.float()
     block = params.resolve_block(weight.shape[1])
     if params.selection is Selection.MAGNITUDE:
@@ -372,7 +373,9 @@ def quantize(
     elements when numba is installed, else the torch reference; True/False force one or
     the other (False = always the reference). Both give identical bytes.
     """
-    weight = weight.detach()  # a Parameter is fine: packing is not differentiable
+    # A Parameter is fine (packing is not differentiable); row-major makes every
+    # [R, C/B, B] and [R, G, 8] view below valid (a no-op for the usual contiguous input).
+    weight = weight.detach().contiguous()
     try:
         if _use_fused(fused, weight.device, weight.numel()) and mask is None and params.selection is Selection.MAGNITUDE:
             packed = _quantize_fused(weight, params)
@@ -392,8 +395,15 @@ def _quantize(weight, params, act_sq, mask) -> PackedTensor:
     if mask is None:
         mask, hi = select(weight, params, act_sq=act_sq)
     else:
+        if mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise UMQError(
+                f"a given mask must be bool of the weight's shape {tuple(weight.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}",
+                rule="shape",
+            )
+        mask = mask.contiguous()
         counts = mask.view(rows, cols // GROUP, GROUP).sum(-1)
-        if mask.shape != weight.shape or bool((counts != params.k).any()):
+        if bool((counts != params.k).any()):
             raise UMQError(f"a given mask must have exactly {params.k} hi per group", rule="popcount")
         hi = resolve_hi(weight, mask, params.hi)
 
