@@ -3,7 +3,10 @@
 Pure functions on tensors (no files, no printing): choose the hi positions, derive the
 block scales, encode lo and hi values and interleave each group's bytes; and the
 inverse. This is the one truth that the CUDA kernels, the CLI and the tests are measured
-against. Everything is vectorised over rows and groups.
+against. Everything is vectorised over rows and groups. For large CPU tensors with the
+magnitude selection, :func:`quantize` and :func:`dequantize` hand the work to the fused
+numba pass of :mod:`umqcli._fused` when it is installed (same bytes, several times
+faster; ``fused=False`` forces this reference).
 
 Shapes used throughout, for a source ``[R, C]`` with ``G = C / 8`` groups per row:
 ``mask`` bool ``[R, C]`` (True = hi), ``scale`` float32 ``[R, C / block]``.
