@@ -95,13 +95,14 @@ def main() -> None:
 
     weight = heavy_tailed(args.size, args.size)
     elements = weight.numel()
+    numba = None
     if _fused.available():
         _fused._follow_torch_threads()
-    numba_threads = _fused.numba.get_num_threads() if _fused.numba is not None else 0
+        numba = _fused.kernels().numba
     print(
         f"{args.size} x {args.size} float16, median of {args.repeat}; torch {torch.__version__} "
         f"threads={torch.get_num_threads()}, numba "
-        f"{_fused.numba.__version__ + f' threads={numba_threads}' if _fused.numba else 'not installed'}, "
+        f"{f'{numba.__version__} threads={numba.get_num_threads()}' if numba else 'not used'}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
     )
 

@@ -626,7 +626,7 @@ def test_fused_encoder_matches_torch_and_ml_dtypes(lo: LoFormat) -> None:
     edges = (powers.view(torch.int32).unsqueeze(1) + ulp).reshape(-1).view(torch.float32)
     edges = torch.cat([edges, -edges]).clamp(-lo.max_value, lo.max_value)
     for x in (values, random32, edges):
-        ours = _fused.encode_lo_array(x.numpy(), _fused.LO_CODES[lo.value])
+        ours = _fused.kernels().encode_lo_array(x.numpy(), _fused.LO_CODES[lo.value])
         np.testing.assert_array_equal(ours, codec.encode_lo(x, lo).numpy())
 
 
@@ -644,7 +644,7 @@ def test_fused_float32_to_16bit_casts_match_torch(hi: HiFormat) -> None:
     bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
     x = torch.cat([x, bits.view(torch.float32)])
     x = x[~torch.isnan(x)]
-    ours = _fused.f32_to_16_array(x.numpy(), hi is HiFormat.BFLOAT16)
+    ours = _fused.kernels().f32_to_16_array(x.numpy(), hi is HiFormat.BFLOAT16)
     theirs = x.to(hi.torch_dtype).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(ours, theirs)
 
@@ -702,7 +702,7 @@ def test_fused_pass_follows_and_keeps_torch_threads() -> None:
     try:
         torch.set_num_threads(1)
         codec.quantize(weight, QuantParams(k=2), fused=True)
-        assert torch.get_num_threads() == 1 and _fused.numba.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and _fused.kernels().numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     results = []
