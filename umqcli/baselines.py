@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._optional import require
 from .errors import UMQError
 
 #: Input columns whose activation absmax exceeds this are kept in fp16 by LLM.int8()
@@ -64,7 +65,7 @@ def bitsandbytes_functional():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        import bitsandbytes.functional as bnbf
+        bnbf = require("bitsandbytes.functional", extra="baselines", purpose="the NF4 and LLM.int8() baselines")
     finally:
         logger.setLevel(level)
     return bnbf

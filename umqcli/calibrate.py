@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .codec import block_scales, decode_lo, quantize_lo, resolve_hi, select, select_magnitude
+from ._optional import require
 from .errors import UMQError
 from .format import GROUP, HiFormat, LoFormat, QuantParams, Selection
 from .stats import OUTLIER_THRESHOLD, ActivationAccumulator, ChannelStats
@@ -164,15 +165,12 @@ def make_sequences(
 
 
 def _require_transformers():
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UMQError(
-            "activation statistics need the Hugging Face transformers package: pip install 'umq[hf]' "
-            "(or pass --stats from an earlier run, or calibrate on weights alone)",
-            rule="transformers-missing",
-        ) from None
-    return transformers
+    return require(
+        "transformers",
+        extra="hf",
+        purpose="collecting activation statistics",
+        hint="or pass --stats from an earlier run, or calibrate on weights alone",
+    )
 
 
 def is_hf_model_dir(path: str | Path) -> bool:

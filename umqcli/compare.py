@@ -40,6 +40,7 @@ import torch
 
 from . import codec
 from .baselines import BASELINES, Baseline
+from ._optional import require
 from .errors import UMQError
 from .format import GROUP, HiFormat, LoFormat, QuantParams, Selection
 
@@ -716,8 +717,7 @@ def plot_report(report: CompareReport, path: str | Path) -> None:
     """Error (relative output Frobenius, log scale) against bits per element: one point
     per format, the UMQ configurations' Pareto front as a line. Writes a PNG to ``path``
     (the caller makes the write atomic)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plot", purpose="--png plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

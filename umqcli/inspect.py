@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from .codec import unpack_mask
+from ._optional import require
 from .errors import UMQError
 from .format import GROUP, MASK_SUFFIX, SUFFIXES
 from .io import open_checkpoint
@@ -257,8 +258,7 @@ def check_checkpoint(path: str | Path, *, progress: Callable[[int, int, str], No
 def render_png(report: TensorReport, path: Path) -> Path:
     """One PNG per tensor: the 2-D density heatmap, the per-column hi fraction, and the
     per-position counts. Uses matplotlib's Agg backend (no display needed)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plot", purpose="--png heatmaps")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

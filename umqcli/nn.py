@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .codec import PackedTensor, quantize
+from ._optional import require
 from .errors import UMQError
 from .format import (
     DATA_SUFFIX,
@@ -443,6 +444,7 @@ def register_hf() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    require("transformers", extra="hf", purpose="loading a packed Hugging Face model")
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,
