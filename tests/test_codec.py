@@ -206,7 +206,7 @@ def test_encode_lo_matches_ml_dtypes_on_all_fp16(lo: LoFormat) -> None:
         assert mismatch.size == 0, f"{lo}: {x[mismatch[:5]].tolist()} -> {ours[mismatch[:5]]} vs {theirs[mismatch[:5]]}"
     # Never a NaN/inf code, never int8 -128.
     codes = codec.encode_lo(values, lo)
-    assert not bool(codec._invalid_lo(codes, lo).any())
+    assert not bool(codec._invalid_code(codes, lo).any())
 
 
 @pytest.mark.parametrize("lo", list(LoFormat))
@@ -522,6 +522,26 @@ def test_reader_refuses_bad_scale_and_lo_code() -> None:
     data[3, 5] = 0x7F
     bad = codec.PackedTensor.from_stored(_with_crc(packed.spec, data, packed.mask, packed.scale), data, packed.mask, packed.scale)
     assert _rule(lambda: bad.validate()).rule == "lo-code"
+
+
+@pytest.mark.parametrize("lo, code", [("fp8_e4m3", 0x7F), ("fp8_e5m2", 0x7C), ("int8", 0x80)])
+def test_lo_code_rule_looks_only_at_lo_bytes(lo: str, code: int) -> None:
+    """A hi byte that happens to equal an invalid lo code is fine; the same byte in a lo
+    slot is refused (rule lo-code), with the payload position in the message."""
+    # fp16 hi value with low byte == code (e.g. 0x3C7F = 1.124...), in position 0 of a group.
+    hi_value = torch.tensor([0x3C00 | code], dtype=torch.int16).view(torch.float16).float()
+    weight = torch.full((3, 16), 0.01)
+    weight[1, 8] = hi_value
+    packed = codec.quantize(weight.half(), QuantParams(k=1, lo=lo))
+    assert packed.data[1, 9] == code  # group 1 starts at byte 9; position 0 is hi
+    packed.validate()
+    data = packed.data.clone()
+    data[2, 4] = code  # position 3 of row 2, group 0 (position 0 is hi: ties go low) is lo
+    mask = codec.unpack_mask(packed.mask)
+    assert not bool(mask[2, 3]) and codec.byte_offsets(mask, 1)[2, 3] == 4
+    bad = codec.PackedTensor.from_stored(_with_crc(packed.spec, data, packed.mask, packed.scale), data, packed.mask, packed.scale)
+    err = _rule(lambda: bad.validate(name="w"))
+    assert err.rule == "lo-code" and "at [2, 4]" in str(err)
 
 
 @pytest.mark.parametrize(

@@ -332,43 +332,6 @@ def test_decoded_values_beyond_the_requested_dtype_are_refused(tmp_path: Path) -
     assert not (tmp_path / "half.safetensors").exists() and _leftovers(tmp_path) == []
 
 
-def test_quick_validate_rules() -> None:
-    """quick_validate raises the same rules as PackedTensor.validate for every §7
-    violation it covers, and accepts a healthy tensor."""
-    from umqcli.codec import PackedTensor, quantize
-    from umqcli.unpack import quick_validate
-
-    good = quantize(torch.randn(8, 64), QuantParams(k=2))
-    quick_validate(good, name="w")
-
-    def broken(**parts) -> PackedTensor:
-        fields = {"data": good.data.clone(), "mask": good.mask.clone(), "scale": good.scale.clone(), **parts}
-        return PackedTensor.from_stored(good.spec, fields["data"], fields["mask"], fields["scale"])
-
-    flipped = good.data.clone()
-    flipped[3, 5] ^= 0x01
-    mask = good.mask.clone()
-    mask[2, 1] = 0b1110_0000
-    nan_scale = good.scale.clone()
-    nan_scale[4, 0] = float("nan")
-    cases = {
-        "crc32": broken(data=flipped),
-        "stored-shape": broken(scale=good.scale[:7]),
-        "stored-dtype": broken(scale=good.scale.double()),
-    }
-    for rule, packed in cases.items():
-        with pytest.raises(UMQError) as info:
-            quick_validate(packed, name="w")
-        assert info.value.rule == rule and info.value.tensor == "w"
-    for rule, packed in {"popcount": broken(mask=mask), "scale": broken(scale=nan_scale)}.items():
-        with pytest.raises(UMQError) as info:
-            quick_validate(packed, name="w", check_crc=False)
-        assert info.value.rule == rule
-    # With the crc check on, a changed scale is caught by its crc first.
-    with pytest.raises(UMQError, match="crc32 of scale"):
-        quick_validate(broken(scale=nan_scale), name="w")
-
-
 def test_tensor_stored_plain_and_packed_is_refused(tmp_path: Path) -> None:
     """A file holding both 'w' and the packed parts of 'w' cannot be unpacked."""
     from umqcli.codec import quantize

@@ -14,6 +14,8 @@ Shapes used throughout, for a source ``[R, C]`` with ``G = C / 8`` groups per ro
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -570,26 +572,22 @@ def interleave(lo_bytes: torch.Tensor, hi_bits: torch.Tensor, mask: torch.Tensor
 
 
 def validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool = True) -> None:
-    """Check a packed tensor against FORMAT §2/§7: dtypes, shapes, popcount, scales, crc."""
+    """Check a packed tensor against FORMAT §2/§7: stored dtypes and shapes, crc32, the
+    popcount of every mask byte, every scale finite and >= 0, every lo byte a finite code.
+
+    Costs about one pass over the stored bytes: each rule is first checked with a single
+    reduction, and only a failing rule pays for locating the first offender in its
+    message. Raises :class:`UMQError` (``tensor=name``) with the rule that failed.
+    """
     spec = packed.spec
 
     def fail(message: str, rule: str) -> UMQError:
         return UMQError(message, rule=rule, tensor=name)
 
-    for suffix, tensor, dtype in (
-        (DATA_SUFFIX, packed.data, torch.uint8),
-        (MASK_SUFFIX, packed.mask, torch.uint8),
-        (SCALE_SUFFIX, packed.scale, torch.float32),
-    ):
-        expected = spec.stored_shapes()[suffix]
-        if tensor.dtype != dtype:
-            raise fail(f"{suffix[1:]} has dtype {tensor.dtype}, expected {dtype}", "stored-dtype")
-        if tuple(tensor.shape) != expected:
-            raise fail(
-                f"{suffix[1:]} has shape {tuple(tensor.shape)}, expected {expected} "
-                f"for shape {list(spec.shape)}, k={spec.k}, block={spec.block}",
-                "stored-shape",
-            )
+    try:
+        _check_stored_layout(packed)
+    except UMQError as exc:
+        raise exc.located(tensor=name)
     if check_crc:
         for key, tensor in (("data", packed.data), ("mask", packed.mask), ("scale", packed.scale)):
             actual = crc32(tensor)
@@ -598,32 +596,60 @@ def validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool =
                     f"crc32 of {key} is {actual}, header says {spec.crc32.get(key)}: the file is corrupted",
                     "crc32",
                 )
-    counts = POPCOUNT.to(packed.mask.device)[packed.mask.long()]
-    wrong = counts != spec.k
-    if bool(wrong.any()):
-        r, g = wrong.nonzero()[0].tolist()
+    counts = POPCOUNT.to(packed.mask.device).take(packed.mask.long())
+    low, high = torch.aminmax(counts)
+    if not int(low) == int(high) == spec.k:
+        r, g = (counts != spec.k).nonzero()[0].tolist()
         raise fail(
             f"mask byte at [{r}, {g}] has {int(counts[r, g])} bits set, expected k={spec.k}",
             "popcount",
         )
-    bad_scale = ~torch.isfinite(packed.scale) | (packed.scale < 0)
-    if bool(bad_scale.any()):
+    low, high = torch.aminmax(packed.scale)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high)) and float(low) >= 0):
+        bad_scale = ~torch.isfinite(packed.scale) | (packed.scale < 0)
         r, b = bad_scale.nonzero()[0].tolist()
         raise fail(f"scale at [{r}, {b}] is {packed.scale[r, b].item()}, must be finite and >= 0", "scale")
-    lo_bytes, hi_bits, mask = deinterleave(packed)
-    lo_invalid = _invalid_lo(lo_bytes, spec.lo) & ~mask
+    _check_lo_codes(packed, fail)
+
+
+def _invalid_code(payload: torch.Tensor, lo: LoFormat) -> torch.Tensor:
+    """bool, same shape: bytes that are not a finite code of ``lo`` (E4M3: 0x7F/0xFF NaN;
+    E5M2: exponent all ones, inf/NaN; int8: -128)."""
+    if lo is LoFormat.FP8_E4M3:
+        return (payload & 0x7F) == 0x7F
+    if lo is LoFormat.FP8_E5M2:
+        return (payload & 0x7C) == 0x7C
+    return payload == 0x80
+
+
+def _check_lo_codes(packed: PackedTensor, fail) -> None:
+    """Every lo byte is a finite code. One pass finds the payload bytes that would be
+    invalid as lo codes; only rows holding such a byte (they may all be hi bytes, whose
+    low halves are arbitrary) are looked up in the per-mask-byte table of lo bytes."""
+    spec = packed.spec
+    suspect_rows = _invalid_code(packed.data, spec.lo).any(1).nonzero().flatten()
+    if suspect_rows.numel() == 0:
+        return
+    data = packed.data.index_select(0, suspect_rows)
+    is_lo = _lo_byte_table(spec.k, data.device)[packed.mask.index_select(0, suspect_rows).long()]
+    lo_invalid = _invalid_code(data, spec.lo) & is_lo.view(data.shape)
     if bool(lo_invalid.any()):
-        r, c = lo_invalid.nonzero()[0].tolist()
+        r, b = lo_invalid.nonzero()[0].tolist()
         raise fail(
-            f"lo byte 0x{int(lo_bytes[r, c]):02x} at [{r}, {c}] is not a finite {spec.lo.value} value",
+            f"payload byte 0x{int(data[r, b]):02x} at [{int(suspect_rows[r])}, {b}] is a lo byte "
+            f"but not a finite {spec.lo.value} code",
             "lo-code",
         )
 
 
-def _invalid_lo(q: torch.Tensor, lo: LoFormat) -> torch.Tensor:
-    if lo is LoFormat.INT8:
-        return q == 0x80
-    return ~torch.isfinite(q.view(lo.torch_dtype).float())
+@functools.lru_cache(maxsize=None)
+def _lo_byte_table(k: int, device: torch.device) -> torch.Tensor:
+    """bool ``[256, 8 + k]``: per mask byte, which payload bytes of a group are lo bytes."""
+    _, _, slots = _layout_tables(k, device)
+    position, half = slots // 2, slots % 2
+    masks = torch.arange(256, device=device).unsqueeze(1)
+    is_hi = (masks >> position) & 1
+    return (half == 0) & (is_hi == 0)
 
 
 def deinterleave(packed: PackedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -496,12 +496,9 @@ def register_hf() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .unpack import quick_validate
-
             for name, layer in umq_linears(model):
-                # Shapes, crc32, popcounts, scales: the FORMAT §7 reader rules, at
-                # O(bytes) (the full lo-code check would cost ~10x a decode per layer).
-                quick_validate(layer.packed, name=f"{name}.weight", check_crc=True)
+                # Every FORMAT §7 reader rule, crc32 included: about one pass over the bytes.
+                layer.packed.validate(name=f"{name}.weight", check_crc=True)
             if self.decode_on_load:
                 _decode_into(model, self.checkpoint_files, self.decode_on_load)
             return model
