@@ -243,11 +243,11 @@ def test_launcher_rejects_bad_inputs(shim):
     wrong_dtype = PackedTensor.from_stored(packed.spec, packed.data.to(torch.int16), packed.mask, packed.scale)
     with pytest.raises(UMQError) as info:
         shim.decode(wrong_dtype)
-    assert info.value.rule == "kernel-input"
+    assert info.value.rule == "stored-dtype"
     truncated = PackedTensor.from_stored(packed.spec, packed.data[:, :-1], packed.mask, packed.scale)
     with pytest.raises(UMQError) as info:
         shim.matmul(torch.randn(1, 32), truncated)
-    assert info.value.rule == "kernel-input" and str(tuple(packed.data.shape)) in str(info.value)
+    assert info.value.rule == "stored-shape" and str(tuple(packed.data.shape)) in str(info.value)
     strided = torch.zeros(16, 2 * packed.mask.shape[1], dtype=torch.uint8)[:, ::2]
     strided.copy_(packed.mask)
     with pytest.raises(UMQError) as info:

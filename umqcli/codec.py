@@ -425,8 +425,21 @@ def _quantize(weight, params, act_sq, mask) -> PackedTensor:
     lo_bytes = quantize_lo(weight32, scale, block, params.lo)
     data = interleave(lo_bytes, hi_bits, mask, params.k)
     mask_bytes = mask_bits(mask)
+    return _packed_result(weight, params, hi, block, data, mask_bytes, scale)
+
+
+def _packed_result(
+    weight: torch.Tensor,
+    params: QuantParams,
+    hi: HiFormat,
+    block: int,
+    data: torch.Tensor,
+    mask_bytes: torch.Tensor,
+    scale: torch.Tensor,
+) -> PackedTensor:
+    """The stored tensors and their ``umq.tensors`` entry (crc32 of each)."""
     spec = TensorSpec(
-        shape=(rows, cols),
+        shape=tuple(weight.shape),
         dtype=dtype_name(weight.dtype),
         k=params.k,
         lo=params.lo,
@@ -495,18 +508,7 @@ def _quantize_fused(weight: torch.Tensor, params: QuantParams) -> PackedTensor |
             return None  # a non-finite value: the reference check names it
     else:
         return None  # hi overflow: the reference raises it (or picks bfloat16)
-    spec = TensorSpec(
-        shape=(rows, cols),
-        dtype=dtype_name(weight.dtype),
-        k=params.k,
-        lo=params.lo,
-        hi=hi,
-        block=block,
-        selection=params.selection.value,
-        scale_rule=params.scale_rule.value,
-        crc32={"data": crc32(data), "mask": crc32(mask_bytes), "scale": crc32(scale)},
-    )
-    return PackedTensor(data=data, mask=mask_bytes, scale=scale, spec=spec)
+    return _packed_result(weight, params, hi, block, data, mask_bytes, scale)
 
 
 # --------------------------------------------------------------------------- byte layout
@@ -584,10 +586,7 @@ def validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool =
     def fail(message: str, rule: str) -> UMQError:
         return UMQError(message, rule=rule, tensor=name)
 
-    try:
-        _check_stored_layout(packed)
-    except UMQError as exc:
-        raise exc.located(tensor=name)
+    check_stored_layout(packed, name=name)
     if check_crc:
         for key, tensor in (("data", packed.data), ("mask", packed.mask), ("scale", packed.scale)):
             actual = crc32(tensor)
@@ -678,7 +677,7 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused:
     spec = packed.spec
     target = dtype or spec.torch_dtype
     if _use_fused(fused, packed.data.device, spec.rows * spec.columns) and target in _fused.OUT_CODES:
-        _check_stored_layout(packed)
+        check_stored_layout(packed)
         out, bad_rows = _fused.dequantize(
             packed.data, packed.mask, packed.scale, spec.k, spec.block, spec.lo.value, spec.hi.value, target
         )
@@ -689,7 +688,7 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused:
             )
         return out
     rows, cols = spec.shape
-    _check_stored_layout(packed)
+    check_stored_layout(packed)
     if bool((POPCOUNT.to(packed.mask.device)[packed.mask.long()] != spec.k).any()):
         raise UMQError(f"a mask byte does not have exactly k={spec.k} bits set", rule="popcount")
     low, hi_bits, mask = deinterleave(packed)
@@ -699,9 +698,9 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused:
     return torch.where(mask, hi_values, lo_values.to(target))
 
 
-def _check_stored_layout(packed: PackedTensor) -> None:
-    """Dtypes and shapes of the stored tensors (the part of :func:`validate` that the
-    fused decoder's memory safety depends on)."""
+def check_stored_layout(packed: PackedTensor, *, name: str | None = None) -> None:
+    """Dtypes and shapes of the stored tensors (FORMAT §2): the part of :func:`validate`
+    that the memory safety of the fused decoder and of the CUDA kernels depends on."""
     spec = packed.spec
     for suffix, tensor, dtype in (
         (DATA_SUFFIX, packed.data, torch.uint8),
@@ -714,6 +713,7 @@ def _check_stored_layout(packed: PackedTensor) -> None:
                 f"{suffix[1:]} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {expected} "
                 f"for shape {list(spec.shape)}, k={spec.k}, block={spec.block}",
                 rule="stored-shape" if tensor.dtype == dtype else "stored-dtype",
+                tensor=name,
             )
 
 

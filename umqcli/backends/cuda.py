@@ -26,7 +26,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from ..codec import PackedTensor
+from ..codec import PackedTensor, check_stored_layout
 from ..errors import UMQError
 from ..format import SCALE_SUFFIX, DATA_SUFFIX, MASK_SUFFIX, HiFormat, LoFormat
 from ..nvrtc import kernel_dir
@@ -151,19 +151,8 @@ def _packed_on(packed: PackedTensor, device: torch.device, name: str | None) -> 
     """data, mask, scale on ``device``, after checking dtypes, shapes and contiguity."""
     spec = packed.spec
     tensors = []
-    for suffix, tensor, dtype in (
-        (DATA_SUFFIX, packed.data, torch.uint8),
-        (MASK_SUFFIX, packed.mask, torch.uint8),
-        (SCALE_SUFFIX, packed.scale, torch.float32),
-    ):
-        expected = spec.stored_shapes()[suffix]
-        if tensor.dtype != dtype or tuple(tensor.shape) != expected:
-            raise UMQError(
-                f"{suffix[1:]} is {tensor.dtype} {tuple(tensor.shape)}, the kernel needs {dtype} "
-                f"{expected} for shape {list(spec.shape)}, k={spec.k}, block={spec.block}",
-                rule="kernel-input",
-                tensor=name,
-            )
+    check_stored_layout(packed, name=name)
+    for suffix, tensor in ((DATA_SUFFIX, packed.data), (MASK_SUFFIX, packed.mask), (SCALE_SUFFIX, packed.scale)):
         if not tensor.is_contiguous():
             raise UMQError(
                 f"{suffix[1:]} is not contiguous (strides {tensor.stride()}); the kernel reads "
