@@ -62,6 +62,16 @@ def error_boundary(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def human_bytes(nbytes: int) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as file managers show sizes)."""
+    value = float(nbytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 

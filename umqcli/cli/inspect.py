@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ..inspect import InspectReport, TensorReport, check_checkpoint, inspect_checkpoint, png_name, render_png
 from ..io import atomic_output
-from ._common import app, console, error_boundary, print_json
+from ._common import app, console, error_boundary, human_bytes, print_json
 
 SPARK = "▁▂▃▄▅▆▇█"
 _SHORT = {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2", "int8": "int8", "float16": "f16", "bfloat16": "bf16"}
@@ -43,15 +43,6 @@ def heatmap_text(heat, bottom: float, top: float) -> Text:
     return text
 
 
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{nbytes} B"
-
-
 def render_table(report: InspectReport) -> None:
     table = Table(title=f"umq inspect: {report.path}", title_justify="left")
     wide = console.width >= 110  # narrow terminals: bytes and top columns go to --tensor / --json
@@ -70,7 +61,7 @@ def render_table(report: InspectReport) -> None:
         params = f"{t.k} {_SHORT.get(t.lo, t.lo)}/{_SHORT.get(t.hi, t.hi)} {block} {t.selection[:3]}"
         row = [t.name, "x".join(map(str, t.shape)), params, f"{t.bits_per_element:.3f}"]
         if wide:
-            row.append(_human(t.stored_bytes))
+            row.append(human_bytes(t.stored_bytes))
         row.append(sparkline(strip, hi=float(strip.max())))
         if wide:
             row.append(" ".join(f"{c}:{d:.2f}" for c, d in t.top_columns(2)))
@@ -79,8 +70,8 @@ def render_table(report: InspectReport) -> None:
     packed_bytes = sum(t.stored_bytes for t in report.tensors)
     source_bytes = sum(t.source_bytes for t in report.tensors)
     console.print(
-        f"{len(report.tensors)} quantized tensor(s): {_human(packed_bytes)} (from {_human(source_bytes)}); "
-        f"{len(report.passthrough)} passed through: {_human(sum(p[3] for p in report.passthrough))}",
+        f"{len(report.tensors)} quantized tensor(s): {human_bytes(packed_bytes)} (from {human_bytes(source_bytes)}); "
+        f"{len(report.passthrough)} passed through: {human_bytes(sum(p[3] for p in report.passthrough))}",
         highlight=False,
     )
 
@@ -90,7 +81,7 @@ def render_detail(t: TensorReport) -> None:
     console.print(
         f"shape {t.shape[0]} x {t.shape[1]} ({t.dtype}), k={t.k}, lo={t.lo}, hi={t.hi}, block={t.block}, "
         f"selection={t.selection}, scale_rule={t.scale_rule}: {t.bits_per_element:.3f} bits/element, "
-        f"{_human(t.stored_bytes)}", highlight=False)
+        f"{human_bytes(t.stored_bytes)}", highlight=False)
     mean = float(t.column_density.mean())
     console.print(f"hi fraction per input column: mean {mean:.4f} (k/8 = {t.k / 8:.4f}), "
                   f"{t.outlier_columns(0.9)} column(s) hi in >= 90% of rows", highlight=False)
@@ -149,7 +140,7 @@ def inspect_command(
     if check_report is not None:
         console.print(f"[green]check ok[/]: {check_report.tensors_checked} quantized tensor(s) in "
                       f"{check_report.files} file(s): every FORMAT v1 rule and crc32 holds "
-                      f"({_human(check_report.bytes_checked)} verified)", highlight=False)
+                      f"({human_bytes(check_report.bytes_checked)} verified)", highlight=False)
     if not report.tensors:
         console.print("no umq tensors: this is not a packed checkpoint", highlight=False)
         return

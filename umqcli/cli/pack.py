@@ -13,16 +13,7 @@ from rich.table import Table
 from ..format import LoFormat, QuantParams, Selection
 from ..pack import PackProgress, PackSummary, pack
 from ..recipe import Recipe
-from ._common import app, console, err_console, error_boundary, print_json
-
-
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{nbytes} B"
+from ._common import app, console, err_console, error_boundary, human_bytes, print_json
 
 
 @app.command("pack")
@@ -109,13 +100,13 @@ def render_summary(summary: PackSummary) -> None:
     error = "-" if summary.error_mean is None else (
         f"{summary.error_mean:.4g} / {worst.rel_error:.4g} ({worst.name})" if worst else f"{summary.error_mean:.4g}")
     table.add_row(
-        "packed", str(len(packed)), _human(sum(t.bytes_in for t in packed)), _human(sum(t.bytes_out for t in packed)),
+        "packed", str(len(packed)), human_bytes(sum(t.bytes_in for t in packed)), human_bytes(sum(t.bytes_out for t in packed)),
         "-" if bpe is None else f"{src_bpe:.0f} -> {bpe:.3f}", error,
     )
-    table.add_row("passed through", str(len(passed)), _human(sum(t.bytes_in for t in passed)),
-                  _human(sum(t.bytes_out for t in passed)), "unchanged", "-")
+    table.add_row("passed through", str(len(passed)), human_bytes(sum(t.bytes_in for t in passed)),
+                  human_bytes(sum(t.bytes_out for t in passed)), "unchanged", "-")
     ratio = summary.bytes_out / summary.bytes_in if summary.bytes_in else 0.0
-    table.add_row("[bold]total", str(len(summary.tensors)), _human(summary.bytes_in), _human(summary.bytes_out),
+    table.add_row("[bold]total", str(len(summary.tensors)), human_bytes(summary.bytes_in), human_bytes(summary.bytes_out),
                   f"{ratio:.1%} of input", f"{summary.seconds:.1f} s, {summary.throughput_mb_s:.0f} MB/s")
     console.print(table)
     if passed:
