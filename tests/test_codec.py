@@ -737,3 +737,37 @@ def test_fused_pass_follows_and_keeps_torch_threads() -> None:
         worker.join()
     assert len(results) == 4
     assert all(raw_bytes(r.data) == raw_bytes(reference.data) for r in results)
+
+
+def test_fused_pass_first_use_from_threads_in_a_fresh_process() -> None:
+    """The fused pass's one-off set-up (numba import, thread pool, tables) is safe when
+    several threads use the codec first at the same time, as pack's workers do; and
+    ``allows_concurrent_calls`` only answers once numba's layer is known."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import threading, torch
+        from umqcli import _fused
+        from umqcli.codec import dequantize, quantize
+        from umqcli.format import QuantParams
+        assert _fused.allows_concurrent_calls() is None
+        errors = []
+        def work(seed):
+            try:
+                w = torch.randn(512, 256, generator=torch.Generator().manual_seed(seed))
+                dequantize(quantize(w, QuantParams(k=1)))
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == [], errors
+        assert _fused.allows_concurrent_calls() in (True, False)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

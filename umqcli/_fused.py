@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 import numpy as np
 import torch
@@ -42,15 +43,21 @@ def available() -> bool:
 
 
 _KERNELS = None
+# Pack calls the codec from worker threads: the one-off set-up below (importing numba,
+# starting its thread pool, building tables) must happen once, not concurrently; a
+# concurrent first import of numba fails with a partially initialised module.
+_INIT_LOCK = threading.RLock()
 
 
 def kernels():
     """The :mod:`umqcli._fused_kernels` module (imports numba on the first call)."""
     global _KERNELS
     if _KERNELS is None:
-        from . import _fused_kernels
+        with _INIT_LOCK:
+            if _KERNELS is None:
+                from . import _fused_kernels
 
-        _KERNELS = _fused_kernels
+                _KERNELS = _fused_kernels
     return _KERNELS
 
 
@@ -64,15 +71,32 @@ def _follow_torch_threads() -> None:
     global _LAUNCHED
     numba = kernels().numba
     if not _LAUNCHED:
-        torch_threads = torch.get_num_threads()
-        from numba.np.ufunc import parallel
+        with _INIT_LOCK:
+            if not _LAUNCHED:
+                torch_threads = torch.get_num_threads()
+                from numba.np.ufunc import parallel
 
-        parallel._launch_threads()
-        torch.set_num_threads(torch_threads)
-        _LAUNCHED = True
+                parallel._launch_threads()
+                torch.set_num_threads(torch_threads)
+                _LAUNCHED = True
     wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
+
+
+def allows_concurrent_calls() -> bool | None:
+    """Whether codec calls from several Python threads at once are safe: True without the
+    fused pass, or once numba's threading layer is known to be OpenMP or TBB; False for
+    its "workqueue" layer (it aborts the process on concurrent parallel calls); None
+    while no parallel numba function has run yet."""
+    if not available():
+        return True
+    if not _LAUNCHED:
+        return None
+    try:
+        return kernels().numba.threading_layer() != "workqueue"
+    except ValueError:  # numba: no parallel function has run yet
+        return None
 
 
 _TABLES: dict[str, torch.Tensor] = {}
@@ -80,15 +104,16 @@ _TABLES: dict[str, torch.Tensor] = {}
 
 def _table(name: str) -> np.ndarray:
     """Lookup tables: 16-bit pattern -> float32 (exact) and lo byte -> float32."""
-    if name not in _TABLES:
-        if name in ("float16", "bfloat16"):
-            patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)
-            dtype = torch.float16 if name == "float16" else torch.bfloat16
-            _TABLES[name] = patterns.view(dtype).float()
-        else:
-            codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-            dtype = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "int8": torch.int8}[name]
-            _TABLES[name] = codes.view(dtype).float()
+    with _INIT_LOCK:
+        if name not in _TABLES:
+            if name in ("float16", "bfloat16"):
+                patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+                dtype = torch.float16 if name == "float16" else torch.bfloat16
+                _TABLES[name] = patterns.view(dtype).float()
+            else:
+                codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+                dtype = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "int8": torch.int8}[name]
+                _TABLES[name] = codes.view(dtype).float()
     return _TABLES[name].numpy()
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from . import _fused
 from .codec import PackedTensor, dequantize, quantize
 from .errors import UMQError
 from .format import DATA_SUFFIX, FORMAT_VERSION, MASK_SUFFIX, SCALE_SUFFIX, HiFormat, QuantParams, Selection, TensorSpec, encode_metadata
@@ -307,16 +307,6 @@ _CODEC_LOCK = threading.Lock()
 _codec_concurrent: bool | None = None  # None: not known yet
 
 
-def _layer_allows_concurrency() -> bool | None:
-    numba = sys.modules.get("numba")
-    if numba is None:
-        return True  # the torch codec path: thread-safe
-    try:
-        return numba.threading_layer() != "workqueue"
-    except ValueError:  # no parallel numba function has run yet
-        return None
-
-
 @contextlib.contextmanager
 def _codec_guard() -> Iterator[None]:
     """Run a codec call, serialised unless concurrent calls are known to be safe."""
@@ -326,7 +316,7 @@ def _codec_guard() -> Iterator[None]:
         return
     with _CODEC_LOCK:
         yield
-        _codec_concurrent = _layer_allows_concurrency()
+        _codec_concurrent = _fused.allows_concurrent_calls()
 
 
 def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int, int], hi: HiFormat | None,
@@ -578,7 +568,6 @@ class _PackJob:
 
     def _write_slab(self, writer: SafetensorsWriter, state: _TensorState, rows: tuple[int, int],
                     packed: PackedTensor, err_sq: float, norm_sq: float, error_rows: int) -> None:
-        name = state.plan.name
         if state.first_spec is None:
             state.first_spec = packed.spec
         elif packed.spec.hi is not state.first_spec.hi:
