@@ -742,7 +742,8 @@ def test_fused_pass_follows_and_keeps_torch_threads() -> None:
 def test_fused_pass_first_use_from_threads_in_a_fresh_process() -> None:
     """The fused pass's one-off set-up (numba import, thread pool, tables) is safe when
     several threads use the codec first at the same time, as pack's workers do; and
-    ``allows_concurrent_calls`` only answers once numba's layer is known."""
+    ``allows_concurrent_calls`` only answers once numba's layer is known (a torch-path
+    call before it must not let pack's workers overlap: that raced numba's import)."""
     import subprocess
     import sys
     import textwrap
@@ -754,6 +755,8 @@ def test_fused_pass_first_use_from_threads_in_a_fresh_process() -> None:
         from umqcli.codec import dequantize, quantize
         from umqcli.format import QuantParams
         assert _fused.allows_concurrent_calls() is None
+        quantize(torch.randn(4, 64), QuantParams(k=1))  # small: the torch path, numba unused
+        assert _fused.allows_concurrent_calls() is None  # still unknown: stay serialised
         errors = []
         def work(seed):
             try:
