@@ -20,15 +20,7 @@ from umqcli.backends.host_shim import HostShimRunner
 from umqcli.codec import dequantize, quantize
 from umqcli.format import QuantParams
 
-
-def best_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * min(times)
+from _timing import time_ms
 
 
 def main() -> None:
@@ -46,9 +38,9 @@ def main() -> None:
             x = torch.randn(m, c, generator=generator)
             weight = dequantize(packed, torch.float32)
             blocks = -(-r // 64) * -(-m // 64)
-            shim_mm = best_ms(lambda: shim.matmul(x, packed), args.repeat)
-            shim_dec = best_ms(lambda: shim.decode(packed), args.repeat)
-            torch_mm = best_ms(lambda: x @ weight.T, args.repeat)
+            shim_mm = time_ms(lambda: shim.matmul(x, packed), args.repeat)
+            shim_dec = time_ms(lambda: shim.decode(packed), args.repeat)
+            torch_mm = time_ms(lambda: x @ weight.T, args.repeat)
             print(f"{f'{m} x {r} x {c}':>16} {f'{blocks} x 256':>17} {shim_mm:>15.2f} {shim_dec:>15.2f} {torch_mm:>16.3f}")
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -29,17 +27,9 @@ from umqcli.backends import get_backend
 from umqcli.format import QuantParams
 from umqcli.nn import UMQLinear, weight_memory
 
+from _timing import time_ms
+
 DEFAULT_SHAPES = "1x384x1536,128x384x1536,1x1536x384,1x2048x2048,32x2048x2048,512x2048x2048,1x4096x4096"
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up (and fills the decode cache)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -83,10 +73,10 @@ def main() -> None:
         cached = UMQLinear.from_packed(per_call.packed, per_call.bias, backend="torch", cache_decoded=True)
         x = torch.randn(m, c)
         with torch.inference_mode():
-            t_linear = median_ms(lambda: linear(x), args.repeat)
-            t_umq = median_ms(lambda: per_call(x), args.repeat)
-            t_cache = median_ms(lambda: cached(x), args.repeat)
-            t_decode = median_ms(lambda: backend.decode(per_call.packed, torch.float32), args.repeat)
+            t_linear = time_ms(lambda: linear(x), args.repeat, stat="median")
+            t_umq = time_ms(lambda: per_call(x), args.repeat, stat="median")
+            t_cache = time_ms(lambda: cached(x), args.repeat, stat="median")
+            t_decode = time_ms(lambda: backend.decode(per_call.packed, torch.float32), args.repeat, stat="median")
             torch.testing.assert_close(per_call(x), cached(x), rtol=1e-4, atol=1e-4)  # same math
         fp32_kib = weight_memory(linear).total / 1024
         packed_kib = weight_memory(per_call).total / 1024

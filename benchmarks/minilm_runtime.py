@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +31,8 @@ from umqcli.format import QuantParams  # noqa: E402
 from umqcli.nn import configure, load_hf, umq_linears, weight_memory  # noqa: E402
 from umqcli.pack import pack  # noqa: E402
 from umqcli.unpack import unpack  # noqa: E402
+
+from _timing import time_ms
 
 
 def minilm_dir() -> Path:
@@ -52,16 +52,6 @@ def embed(model, batch) -> torch.Tensor:
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def mib(n: int) -> str:
@@ -96,7 +86,7 @@ def main() -> None:
         fp32 = transformers.AutoModel.from_pretrained(src).eval()
         fp32_memory = weight_memory(fp32)
         reference = embed(fp32, batch)
-        t_fp32 = median_ms(lambda: embed(fp32, batch), args.repeat)
+        t_fp32 = time_ms(lambda: embed(fp32, batch), args.repeat, stat="median")
         print(
             f"all-MiniLM-L6-v2, {len(texts)} sentences from its README ({batch['input_ids'].shape[1]} tokens "
             f"padded), torch {torch.__version__}, {args.threads} thread(s), median of {args.repeat}"
@@ -116,9 +106,9 @@ def main() -> None:
             diff = float((hidden_umq - hidden_dense).abs().max())
             scale = float(hidden_dense.abs().max())
             cosine = (embed(model, batch) * reference).sum(-1)
-            t_call = median_ms(lambda: embed(model, batch), args.repeat)
+            t_call = time_ms(lambda: embed(model, batch), args.repeat, stat="median")
             configure(model, cache_decoded=True)
-            t_cache = median_ms(lambda: embed(model, batch), args.repeat)
+            t_cache = time_ms(lambda: embed(model, batch), args.repeat, stat="median")
             cached_memory = weight_memory(model)
             print(f"\nk={k}, lo=fp8_e4m3, one scale per row ({len(dict(umq_linears(model)))} UMQLinear layers)")
             print(f"  {'resident weight memory':<44} {'MiB':>8}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,17 +30,7 @@ from umqcli.io import open_checkpoint
 from umqcli.pack import pack
 from umqcli.verify import verify
 
-
-def best_ms(fn, repeat: int) -> float:
-    """Best of ``repeat`` runs after a warm-up (allocator, numba caches), in ms: on a
-    shared machine the minimum is the least disturbed run (timeit's advice)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * min(times)
+from _timing import time_ms
 
 
 def main() -> None:
@@ -71,8 +60,8 @@ def main() -> None:
         packed = quantize(weight, params)
         for rows in args.rows:
             x = torch.randn(rows, shape[1], generator=generator)
-            dense = best_ms(lambda: x @ weight.T, args.repeat)
-            umq = best_ms(lambda: backend.matmul(x, packed), args.repeat)
+            dense = time_ms(lambda: x @ weight.T, args.repeat)
+            umq = time_ms(lambda: backend.matmul(x, packed), args.repeat)
             print(f"{shape[0]:>5}x{shape[1]:<5} {rows:>5} {dense:>9.2f} {umq:>13.2f} {umq / dense:>5.2f}x")
 
     print()
@@ -86,10 +75,10 @@ def main() -> None:
               f"{'phase 1 integrity ms':>21} {'phase 2 error ms':>17}")
         for rows in args.rows:
             inputs = {name: torch.randn(rows, w.shape[1], generator=generator) for name, w in weights.items()}
-            dense = best_ms(lambda: [inputs[n] @ w.T for n, w in weights.items()], args.repeat)
+            dense = time_ms(lambda: [inputs[n] @ w.T for n, w in weights.items()], args.repeat)
             for mode, reference in (("verify", None), ("verify --reference", source)):
                 reports = []
-                total = best_ms(
+                total = time_ms(
                     lambda: reports.append(verify(packed_path, reference=reference, backend="torch", rows=rows)),
                     max(1, args.repeat // 2),
                 )
