@@ -14,7 +14,7 @@ add/subtract of 2**23 that rounds to an integer; round to nearest even, subnorma
 included) so that the bytes equal the torch path's bit for bit; ``tests/test_codec.py``
 checks that on the conformance vectors, on random tensors and on every fp16 input.
 ``codec.quantize`` / ``codec.dequantize`` use it for CPU tensors of at least
-``codec.FUSED_MIN_ELEMENTS`` elements when numba imports (the ``fast`` extra) unless
+``codec.FUSED_MIN_ELEMENTS`` elements when numba imports (a core dependency; absent, the torch path runs) unless
 ``UMQ_FUSED=0``; without numba nothing here is compiled and the torch path runs. The
 numba code lives in :mod:`umqcli._fused_kernels`, imported on first use only.
 """
@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import torch
 
-# numba is optional (extra "fast"): without it the torch reference path runs. It is
+# numba is a core dependency, but if it is missing the torch reference path runs. It is
 # imported with the kernels (umqcli/_fused_kernels.py) on first use, not with umqcli.
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
 

@@ -465,7 +465,7 @@ def _use_fused(fused: bool | None, device: torch.device, elements: int) -> bool:
         return False
     if fused:
         if not _fused.available():
-            raise UMQError("the fused codec needs numba (pip install 'umq[fast]')", rule="fused")
+            raise UMQError("the fused codec needs numba (pip install numba)", rule="fused")
         return True
     return elements >= FUSED_MIN_ELEMENTS and _fused.available()
 
