@@ -42,14 +42,7 @@ def main() -> None:
         help="torch intra-op threads (1 by default: comparable numbers on a shared machine)",
     )
     args = parser.parse_args()
-    try:  # the fused numba decode (umqcli._fused) has its own thread pool: same count
-        import numba
-
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
-    # After numba: its OpenMP layer shares libgomp with torch and resets the count.
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # the fused numba decode follows torch's count
 
     torch.manual_seed(0)
     backend = get_backend("torch")

@@ -64,14 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    try:  # the fused numba decode (umqcli._fused) has its own thread pool: same count
-        import numba
-
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
-    # After numba: its OpenMP layer shares libgomp with torch and resets the count.
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # the fused numba decode follows torch's count
 
     import transformers
 
