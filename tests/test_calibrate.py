@@ -334,6 +334,37 @@ def test_search_recipe_gives_hi_slots_to_the_tensor_with_hot_input_channels():
     assert info.value.rule == "target"
 
 
+def test_search_runs_from_a_stats_file_without_any_model(tmp_path: Path, monkeypatch):
+    """The budget search needs weights and statistics, never a model: calibrate() of a bare
+    safetensors file with a stats file gives the recipe search_recipe gives directly."""
+    import umqcli.calibrate.hooks
+    import umqcli.calibrate.model
+    from umqcli.calibrate import calibrate, to_recipe
+    from umqcli.stats import save_stats
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the search loaded a model")
+
+    monkeypatch.setattr(umqcli.calibrate.model, "load_hf_model", no_model)
+    monkeypatch.setattr(umqcli.calibrate.hooks, "load_hf_model", no_model)
+    g = torch.Generator().manual_seed(13)
+    weights = {"a.weight": torch.randn(16, 64, generator=g), "b.weight": torch.randn(24, 64, generator=g) * 0.1}
+    hot = torch.ones(64)
+    hot[2::8] = 300.0
+    stats = {name: ChannelStats(act, act.sqrt(), torch.zeros(64, dtype=torch.int64), torch.zeros(0, 64))
+             for name, act in (("a.weight", torch.ones(64)), ("b.weight", hot))}
+    save_file(weights, tmp_path / "w.safetensors")
+    save_stats(tmp_path / "s.safetensors", stats)
+    space = CandidateSpace(ks=(0, 1, 2), blocks=(0,), los=(LoFormat.INT8,))
+    done = calibrate(tmp_path / "w.safetensors", stats_in=tmp_path / "s.safetensors", budget_bits=10.5, space=space)
+    direct = search_recipe(weights, load_stats(tmp_path / "s.safetensors"), budget_bits=10.5, space=space)
+    assert done.search.stats_source == direct.stats_source == "activations"
+    assert {c.name: c.chosen for c in done.search.choices} == {c.name: c.chosen for c in direct.choices}
+    assert done.recipe.tensors == to_recipe(direct, source="w.safetensors").tensors
+    assert done.recipe.tensors["b.weight"].params.selection is Selection.ACTIVATION
+    assert done.search.average_bits <= 10.5
+
+
 # --------------------------------------------------------------------------- CLI (small files)
 
 

@@ -43,18 +43,13 @@ from .baselines import BASELINES, Baseline
 from ._optional import require
 from .errors import UMQError
 from .format import GROUP, HiFormat, LoFormat, QuantParams, Selection
-
-ProgressFn = Callable[[str, int, int], None]
+from .progress import ProgressFn, no_progress
 
 UMQ_KS = (0, 1, 2, 4)
 UMQ_LOS = (LoFormat.FP8_E4M3, LoFormat.FP8_E5M2, LoFormat.INT8)
 UMQ_BLOCKS = (0, 32)  # 0: one scale per row
 UMQ_SELECTIONS = (Selection.MAGNITUDE, Selection.ERROR, Selection.ACTIVATION)
 _SEL_SHORT = {Selection.MAGNITUDE: "mag", Selection.ERROR: "err", Selection.ACTIVATION: "act"}
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------- formats
@@ -595,7 +590,7 @@ def compare_checkpoint(
     seed: int = 0,
     formats: Sequence[Format] | None = None,
     workers: int = 2,
-    progress: ProgressFn = _no_progress,
+    progress: ProgressFn = no_progress,
 ) -> CompareReport:
     """Compare UMQ configurations with the baselines on the weights of ``src``.
 

@@ -1,0 +1,310 @@
+"""Candidate evaluation: for one weight, every configuration of the candidate space with
+its exact stored bits and its predicted activation-weighted output error (the error
+model is described in :mod:`umqcli.calibrate`). Needs no model: a weight and, optionally,
+its :class:`~umqcli.stats.ChannelStats`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..codec import block_scales, decode_lo, quantize_lo, resolve_hi, select, select_magnitude
+from ..errors import UMQError
+from ..format import GROUP, HiFormat, LoFormat, QuantParams, Selection
+from ..stats import ChannelStats
+
+
+@dataclass(frozen=True)
+class CandidateSpace:
+    """The configurations tried for every tensor (the cross product, minus duplicates:
+    k = 8 has no lo elements, k = 0 has no selection)."""
+
+    ks: tuple[int, ...] = tuple(range(GROUP + 1))
+    los: tuple[LoFormat, ...] = (LoFormat.FP8_E4M3, LoFormat.INT8)
+    blocks: tuple[int, ...] = (0, 32, 128)
+    selections: tuple[Selection, ...] = (Selection.MAGNITUDE, Selection.ACTIVATION)
+
+    @classmethod
+    def parse(cls, text: str) -> "CandidateSpace":
+        """``"k=0-4,lo=fp8_e4m3+int8,block=row+32,selection=magnitude+activation"``; keys
+        left out keep their defaults. ``all`` for a key means every value."""
+        space = cls()
+        changes: dict[str, tuple] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, eq, value = part.partition("=")
+            key = key.strip().lower()
+            if not eq or not value:
+                raise UMQError(f"candidate option {part!r} is not KEY=VALUES", rule="candidates")
+            values = [v.strip() for v in value.split("+") if v.strip()]
+            try:
+                if key == "k":
+                    ks: list[int] = []
+                    for v in values:
+                        a, dash, b = v.partition("-")
+                        ks.extend(range(int(a), int(b) + 1) if dash else [int(a)])
+                    bad = [k for k in ks if not 0 <= k <= GROUP]
+                    if bad:
+                        raise ValueError(f"k {bad} outside 0..8")
+                    changes["ks"] = tuple(sorted(set(ks)))
+                elif key == "lo":
+                    changes["los"] = tuple(LoFormat) if values == ["all"] else tuple(LoFormat(v) for v in values)
+                elif key == "block":
+                    blocks = [0 if v == "row" else int(v) for v in values]
+                    if any(b < 0 or b % GROUP for b in blocks):
+                        raise ValueError("block must be 'row' or a multiple of 8")
+                    changes["blocks"] = tuple(dict.fromkeys(blocks))
+                elif key == "selection":
+                    changes["selections"] = (tuple(Selection) if values == ["all"]
+                                             else tuple(Selection(v) for v in values))
+                else:
+                    raise ValueError(f"unknown key {key!r} (k, lo, block, selection)")
+            except ValueError as exc:
+                raise UMQError(f"bad candidate option {part!r}: {exc}", rule="candidates") from None
+        return cls(**{**space.__dict__, **changes})
+
+    def params_for(self, columns: int, *, have_stats: bool) -> list[QuantParams]:
+        """Every distinct candidate for a tensor with ``columns`` columns. Blocks that do
+        not divide ``columns`` are skipped; without statistics ``activation`` becomes
+        ``error`` (the same rule with a_j = 1)."""
+        selections = []
+        for s in self.selections:
+            s = Selection.ERROR if (s is Selection.ACTIVATION and not have_stats) else s
+            if s not in selections:
+                selections.append(s)
+        blocks = [b for b in self.blocks if b == 0 or (b < columns and columns % b == 0)]
+        out: list[QuantParams] = []
+        seen = set()
+        for k in self.ks:
+            for lo in self.los:
+                for block in blocks:
+                    for s in selections:
+                        if k == GROUP:
+                            key = (k,)  # all hi: lo, block and selection change nothing but bits
+                            lo_, block_, s_ = self.los[0], 0, Selection.MAGNITUDE
+                        elif k == 0:
+                            key = (k, lo, block)  # nothing to select
+                            lo_, block_, s_ = lo, block, Selection.MAGNITUDE
+                        else:
+                            key = (k, lo, block, s)
+                            lo_, block_, s_ = lo, block, s
+                        if key not in seen:
+                            seen.add(key)
+                            out.append(QuantParams(k=k, lo=lo_, block=block_, selection=s_))
+        return out
+
+
+def reconstruct(weight: torch.Tensor, params: QuantParams, act_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``[R, C]``: what ``dequantize(quantize(weight, params), float32)`` returns,
+    computed with the codec's own selection, scale and lo/hi rounding functions but
+    without interleaving bytes (the search only needs the values)."""
+    return _TensorEvaluator(weight, act_sq).reconstruct(params)
+
+
+def weighted_error(weight: torch.Tensor, approx: torch.Tensor, act_sq: torch.Tensor) -> float:
+    """``sum_j a_j ||W[:, j] - Ŵ[:, j]||^2 / sum_j a_j ||W[:, j]||^2`` (float64 sums)."""
+    w = weight.double()
+    a = act_sq.double()
+    num = ((w - approx.double()).square().sum(0) * a).sum()
+    den = (w.square().sum(0) * a).sum()
+    return 0.0 if float(den) == 0.0 else float(num / den)
+
+
+MIN_SAMPLE_ROWS = 16  # fewer real rows than this: keep the diagonal denominator
+
+
+def output_energy_correction(weight: torch.Tensor, act_sq: torch.Tensor, sample: torch.Tensor | None) -> float:
+    """``sum_j a_j ||W[:, j]||^2 / mean_s ||W x_s||^2``: turns the diagonal relative error
+    into one relative to the real output energy.
+
+    The quantization error adds up incoherently across input channels (independent
+    rounding signs), so its energy is the diagonal ``sum_j a_j ||ΔW[:, j]||^2``. The output
+    itself does not: inputs with a common mean (GELU outputs are mostly positive) add up
+    coherently, and ``E||Wx||^2`` can be many times the diagonal sum. The real output
+    energy is measured once per tensor on the stored sample rows (float ``[S, C]``); 1.0
+    without a sample (weights only) or with fewer than 16 rows.
+    """
+    if sample is None or sample.shape[0] < MIN_SAMPLE_ROWS:
+        return 1.0
+    w = weight.double()
+    diagonal = float((w.square().sum(0) * act_sq.double()).sum())
+    real = float((sample.double() @ w.T).square().sum()) / sample.shape[0]
+    return 1.0 if real <= 0.0 or diagonal <= 0.0 else diagonal / real
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, rows: torch.Tensor) -> float:
+    """Relative output error measured on real input rows ``X [S, C]``:
+    ``||X (W - Ŵ)^T||^2 / ||X W^T||^2``."""
+    x = rows.double()
+    w = weight.double()
+    den = (x @ w.T).square().sum()
+    num = (x @ (w - approx.double()).T).square().sum()
+    return 0.0 if float(den) == 0.0 else float(num / den)
+
+
+# =========================================================================== search
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration of one tensor: ``bits`` stored per element (payload + mask +
+    scale) and ``error``, the predicted relative output error *energy*
+    ``E||(W-Ŵ)x||^2 / E||Wx||^2`` (squared errors add up across tensors, so the
+    allocation works with this); ``rel_error`` is its square root, the
+    ``||Y - Y_ref|| / ||Y_ref||`` that ``umq verify`` measures."""
+
+    params: QuantParams
+    bits: float
+    error: float
+
+    @property
+    def rel_error(self) -> float:
+        return math.sqrt(self.error)
+
+
+@dataclass
+class TensorChoice:
+    """The search's record for one tensor: every candidate, the hull, and the pick."""
+
+    name: str
+    shape: tuple[int, int]
+    candidates: list[Candidate]
+    hull: list[Candidate]
+    chosen: Candidate | None = None
+    reason: str = ""
+    outlier_channels: int = 0
+    act_peak_ratio: float = 1.0  # max_j a_j / mean_j a_j: how uneven the input channels are
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def _row_subset(rows: int, max_rows: int) -> torch.Tensor:
+    if max_rows <= 0 or rows <= max_rows:
+        return torch.arange(rows)
+    return torch.linspace(0, rows - 1, max_rows).round().long().unique()
+
+
+def lower_hull(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The lower-left convex hull of (bits, error): the candidates a Lagrangian allocation
+    can pick, cheapest first, each strictly more accurate than the one before."""
+    pareto: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.bits, c.error)):
+        if not pareto or c.error < pareto[-1].error:
+            pareto.append(c)
+    hull: list[Candidate] = []
+    for c in pareto:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the segment a-c: drop it (slopes must increase along the hull).
+            if (b.error - a.error) * (c.bits - a.bits) >= (c.error - a.error) * (b.bits - a.bits):
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return hull
+
+
+class _TensorEvaluator:
+    """Reconstructions of one weight under many candidates, sharing what they share:
+    the float32 copy, the hi rounding, and the magnitude masks (one per k)."""
+
+    def __init__(self, weight: torch.Tensor, act_sq: torch.Tensor | None) -> None:
+        self.weight = weight
+        self.weight32 = weight.float()
+        self.act_sq = act_sq
+        self._masks: dict[int, torch.Tensor] = {}
+        # hi = auto resolves per mask, but for the common case (every value finite in the
+        # auto hi dtype) it is the same for all masks: decide once.
+        self._fixed_hi = None
+        if weight.dtype != torch.float32 or bool(torch.isfinite(weight.to(torch.float16)).all()):
+            self._fixed_hi = resolve_hi(weight, torch.ones_like(weight, dtype=torch.bool), None)
+        self._hi_values: dict[HiFormat, torch.Tensor] = {}
+
+    def magnitude_mask(self, k: int) -> torch.Tensor:
+        if k not in self._masks:
+            self._masks[k] = select_magnitude(self.weight32, k)
+        return self._masks[k]
+
+    def hi_values(self, hi: HiFormat) -> torch.Tensor:
+        if hi not in self._hi_values:
+            self._hi_values[hi] = self.weight.to(hi.torch_dtype).float()
+        return self._hi_values[hi]
+
+    def reconstruct(self, params: QuantParams) -> torch.Tensor:
+        """float32 ``[R, C]``, equal to ``dequantize(quantize(weight, params), float32)``."""
+        if params.selection is Selection.MAGNITUDE and params.hi is None:
+            mask = self.magnitude_mask(params.k)
+            hi = self._fixed_hi or resolve_hi(self.weight, mask, None)
+        else:
+            mask, hi = select(self.weight, params, act_sq=self.act_sq)
+        block = params.resolve_block(self.weight.shape[1])
+        scale = block_scales(self.weight32, mask, block, params.lo)
+        lo_values = decode_lo(quantize_lo(self.weight32, scale, block, params.lo), params.lo)
+        lo_values = lo_values * scale.repeat_interleave(block, dim=1)
+        return torch.where(mask, self.hi_values(hi), lo_values)
+
+
+def evaluate_tensor(
+    name: str,
+    weight: torch.Tensor,
+    stats: ChannelStats | None,
+    space: CandidateSpace,
+    *,
+    max_rows: int = 0,
+    refine: int = 2,
+) -> TensorChoice:
+    """Predict error and bits of the candidates for one ``[R, C]`` weight.
+
+    Rows are quantized independently (scales, groups and selection never cross a row),
+    so ``max_rows > 0`` estimates the error on that many evenly spaced rows. The default
+    (0) uses every row: on MiniLM's FFN down-projections a few output rows with outlier
+    weights dominate the error, and a 96-row subset misjudged it by up to 10x.
+
+    Pruning: the magnitude selection is cheap (one mask per k serves every lo and block),
+    the error/activation selections cost several codec passes each. So every candidate is
+    first evaluated with magnitude selection; then, for each k, only the ``refine``
+    (lo, block) pairs with the lowest magnitude error are re-evaluated with the other
+    selections (``refine <= 0``: all of them). At equal bits those selections are never
+    worse than magnitude (``codec.select_error``), so this only decides how far to look.
+    """
+    rows, cols = weight.shape
+    act_sq = stats.act_sq.float() if stats is not None else torch.ones(cols)
+    subset = weight[_row_subset(rows, max_rows)]
+    evaluator = _TensorEvaluator(subset, act_sq)
+    all_params = space.params_for(cols, have_stats=stats is not None)
+    candidates: list[Candidate] = []
+    energy_fix = output_energy_correction(subset, act_sq, None if stats is None else stats.sample)
+
+    def run(params: QuantParams) -> Candidate:
+        approx = evaluator.reconstruct(params)
+        error = weighted_error(subset, approx, act_sq) * energy_fix
+        cand = Candidate(params, params.bits_per_element(cols), error)
+        candidates.append(cand)
+        return cand
+
+    magnitude = [p for p in all_params if p.selection is Selection.MAGNITUDE]
+    others = [p for p in all_params if p.selection is not Selection.MAGNITUDE]
+    by_k: dict[int, list[Candidate]] = {}
+    for params in magnitude:
+        by_k.setdefault(params.k, []).append(run(params))
+    magnitude_keys = {(p.k, p.lo, p.block) for p in magnitude}
+    for params in others:
+        key = (params.k, params.lo, params.block)
+        if refine > 0 and key in magnitude_keys:
+            best = sorted(by_k[params.k], key=lambda c: c.error)[:refine]
+            if key not in {(c.params.k, c.params.lo, c.params.block) for c in best}:
+                continue
+        run(params)
+    mean = float(act_sq.mean())
+    return TensorChoice(
+        name=name,
+        shape=(rows, cols),
+        candidates=candidates,
+        hull=lower_hull(candidates),
+        outlier_channels=stats.outlier_channels if stats is not None else 0,
+        act_peak_ratio=float(act_sq.max()) / mean if mean > 0 else 1.0,
+    )
