@@ -28,3 +28,25 @@ def vectors_dir() -> Path:
             pytrace=False,
         )
     return VECTORS_DIR
+
+
+def _load_example(name: str):
+    """Import ``examples/<name>.py`` by path (examples/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"umq_example_{name}", REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The ``examples/smollm2.py`` module: ``cached_dir()``, ``convert()``, ``prose_split()``."""
+    return _load_example("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2) -> Path:
+    """SmolLM2-135M-Instruct as bfloat16 safetensors, converted once into ~/.cache/umq."""
+    return smollm2.cached_dir()
