@@ -16,7 +16,7 @@ import time
 import torch
 
 from umqcli.backends.cuda import CudaBackend
-from umqcli.backends.host_shim import HostShimRunner
+from umqcli.testing.host_shim import HostShimRunner
 from umqcli.codec import dequantize, quantize
 from umqcli.format import QuantParams
 

@@ -9,7 +9,8 @@
 
 #define UMQ_HD __device__ __host__ __forceinline__
 
-// Lo encodings (the `lo` kernel argument); order matches umqcli/backends/cuda.py.
+// Lo encodings (the `lo` kernel argument): LO_KERNEL_CODES of umqcli/format.py, checked
+// against these lines by tests/test_kernels_nvrtc.py.
 #define UMQ_LO_FP8_E4M3 0
 #define UMQ_LO_FP8_E5M2 1
 #define UMQ_LO_INT8 2

@@ -24,6 +24,7 @@ from umqcli.errors import UMQError
 from umqcli.format import (
     DATA_SUFFIX,
     GROUP,
+    LO_KERNEL_CODES,
     MASK_SUFFIX,
     SCALE_SUFFIX,
     HiFormat,
@@ -646,7 +647,7 @@ def test_fused_encoder_matches_torch_and_ml_dtypes(lo: LoFormat) -> None:
     edges = (powers.view(torch.int32).unsqueeze(1) + ulp).reshape(-1).view(torch.float32)
     edges = torch.cat([edges, -edges]).clamp(-lo.max_value, lo.max_value)
     for x in (values, random32, edges):
-        ours = _fused.kernels().encode_lo_array(x.numpy(), _fused.LO_CODES[lo.value])
+        ours = _fused.kernels().encode_lo_array(x.numpy(), LO_KERNEL_CODES[lo])
         np.testing.assert_array_equal(ours, codec.encode_lo(x, lo).numpy())
 
 

@@ -3,10 +3,13 @@ sm_89 and sm_90 to a cubin, and to PTX; a compile error fails the suite."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from umqcli import nvrtc
 from umqcli.errors import UMQError
+from umqcli.format import HI_KERNEL_CODES, LO_KERNEL_CODES, HiFormat, LoFormat
 
 
 def test_nvrtc_matches_runtime_headers():
@@ -62,3 +65,14 @@ def test_compiling_leaves_python_constants_alone():
     # bytes([n]) returns CPython's cached one-byte object for n: its content must be intact.
     assert bytes([32])[0] == 32 and bytes([0])[0] == 0
     assert (b"x" + b" " * 3) == bytes([120, 32, 32, 32])
+
+
+def test_kernel_codes_match_umq_common_cuh():
+    """The one Python table of lo/hi kernel codes (used by the CUDA launchers and the numba
+    pass) has exactly the numbers ``#define UMQ_LO_*`` / ``UMQ_HI_*`` give the kernels."""
+    text = (nvrtc.kernel_dir() / "umq_common.cuh").read_text()
+    defines = {name: int(value) for name, value in re.findall(r"#define UMQ_((?:LO|HI)_\w+) (\d+)", text)}
+    expected = {f"LO_{lo.name}": code for lo, code in LO_KERNEL_CODES.items()}
+    expected |= {f"HI_{hi.name}": code for hi, code in HI_KERNEL_CODES.items()}
+    assert defines == expected
+    assert set(LO_KERNEL_CODES) == set(LoFormat) and set(HI_KERNEL_CODES) == set(HiFormat)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from kernel_helpers import bit_pattern, dot_error_bound, shim_build_dir
 from umqcli.backends import cuda as cuda_backend
 from umqcli.backends.cuda import CudaBackend
-from umqcli.backends.host_shim import HostShimRunner
+from umqcli.testing.host_shim import HostShimRunner
 from umqcli.backends.torch import TorchBackend
 from umqcli.codec import PackedTensor, crc32, dequantize, quantize
 from umqcli.errors import UMQError

@@ -40,3 +40,32 @@ def test_inspect_png_without_matplotlib_exits_2(tmp_path, monkeypatch) -> None:
     assert result.exit_code == 2, result.output
     assert "pip install 'umq[plot]'" in result.output
     assert not (tmp_path / "png").exists() or not any((tmp_path / "png").iterdir())
+
+
+def test_cupy_from_either_cuda_build(monkeypatch) -> None:
+    """cupy-cuda12x and cupy-cuda13x both import as ``cupy``: whichever is installed is
+    accepted, and a missing CuPy names both extras."""
+    import importlib.metadata
+    import types
+
+    from umqcli import _optional
+
+    def only(name):
+        def version(distribution):
+            if distribution != name:
+                raise importlib.metadata.PackageNotFoundError(distribution)
+            return "14.2.0"
+        return version
+
+    for name in ("cupy-cuda13x", "cupy-cuda12x"):
+        monkeypatch.setattr(importlib.metadata, "version", only(name))
+        assert _optional.cupy_distribution() == name
+    fake = types.ModuleType("cupy")
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert _optional.require_cupy("x") is fake
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(UMQError) as info:
+        _optional.require_cupy("the cuda backend")
+    assert info.value.rule == "missing-dependency"
+    assert "'umq[cuda]' (cupy-cuda12x) or 'umq[cuda13]' (cupy-cuda13x)" in str(info.value)
+    assert "cupy-cuda12x is installed but does not import" in str(info.value)

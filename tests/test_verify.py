@@ -259,7 +259,7 @@ def test_sharded_directory_and_kernel_backend_on_cpu_shim(tmp_path, tmp_path_fac
     shim: without --reference the report measures the kernel against the codec, so the
     error is float32 summation noise only."""
     from umqcli.backends.cuda import CudaBackend
-    from umqcli.backends.host_shim import HostShimRunner
+    from umqcli.testing.host_shim import HostShimRunner
 
     source = make_sharded_checkpoint(tmp_path / "model", shards=2, layers=1, dtype=torch.bfloat16)
     packed = tmp_path / "model.umq"

@@ -28,12 +28,12 @@ import threading
 import numpy as np
 import torch
 
+from .format import HI_KERNEL_CODES, LO_KERNEL_CODES
+
 # numba is a core dependency, but if it is missing the torch reference path runs. It is
 # imported with the kernels (umqcli/_fused_kernels.py) on first use, not with umqcli.
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
-LO_CODES = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
-HI_CODES = {"float16": 0, "bfloat16": 1}
 OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -135,12 +135,12 @@ def quantize_magnitude(weight: torch.Tensor, hi_bits: torch.Tensor, k: int, bloc
     _follow_torch_threads()
     hi_np = hi_bits.contiguous().view(torch.int16).numpy().view(np.uint16)
     if weight.dtype == torch.float32:
-        kernels()._quantize32(weight.contiguous().numpy(), hi_np, True, k, block, LO_CODES[lo], HI_CODES[hi], *outs)
+        kernels()._quantize32(weight.contiguous().numpy(), hi_np, True, k, block, LO_KERNEL_CODES[lo], HI_KERNEL_CODES[hi], *outs)
     else:
         src = weight.contiguous().view(torch.int16).numpy().view(np.uint16)
         lut = _table("float16" if weight.dtype == torch.float16 else "bfloat16")
         check_hi = weight.dtype != (torch.float16 if hi == "float16" else torch.bfloat16)
-        kernels()._quantize16(src, lut, hi_np, check_hi, k, block, LO_CODES[lo], HI_CODES[hi], *outs)
+        kernels()._quantize16(src, lut, hi_np, check_hi, k, block, LO_KERNEL_CODES[lo], HI_KERNEL_CODES[hi], *outs)
     return data, mask, scale, status
 
 

@@ -4,6 +4,7 @@ install (a UMQError, so the CLI prints one line and exits 2 instead of a traceba
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from types import ModuleType
 
 from .errors import UMQError
@@ -20,3 +21,32 @@ def require(module: str, *, extra: str, purpose: str, hint: str = "") -> ModuleT
             + (f" ({hint})" if hint else ""),
             rule="missing-dependency",
         ) from None
+
+
+# CuPy ships one wheel per CUDA major, all importing as `cupy`; the right one is the one
+# matching the machine's CUDA, so umq accepts any of them and names both extras.
+CUPY_DISTRIBUTIONS = ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")
+CUPY_EXTRAS = {"cuda": "cupy-cuda12x", "cuda13": "cupy-cuda13x"}
+
+
+def cupy_distribution() -> str | None:
+    """The installed distribution that provides ``cupy`` (e.g. ``cupy-cuda13x``), or None."""
+    for name in CUPY_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return name
+    return None
+
+
+def require_cupy(purpose: str) -> ModuleType:
+    """``import cupy`` from whichever CUDA build is installed, or a UMQError naming the
+    extras (``umq[cuda]`` for CUDA 12, ``umq[cuda13]`` for CUDA 13)."""
+    try:
+        return importlib.import_module("cupy")
+    except ImportError as exc:
+        installed = cupy_distribution()
+        found = f"; {installed} is installed but does not import ({exc})" if installed else ""
+        choices = " or ".join(f"'umq[{extra}]' ({package})" for extra, package in CUPY_EXTRAS.items())
+        raise UMQError(f"{purpose} needs CuPy: pip install {choices}{found}", rule="missing-dependency") from None

@@ -78,6 +78,13 @@ class HiFormat(str, Enum):
         return torch.float16 if self is HiFormat.FLOAT16 else torch.bfloat16
 
 
+# Each encoding's number as a kernel argument: UMQ_LO_* / UMQ_HI_* of
+# kernels/umq_common.cuh, shared by the CUDA kernels and the numba pass (umqcli/_fused.py).
+# One table; tests/test_kernels_nvrtc.py reads the .cuh and checks it against this one.
+LO_KERNEL_CODES = {LoFormat.FP8_E4M3: 0, LoFormat.FP8_E5M2: 1, LoFormat.INT8: 2}
+HI_KERNEL_CODES = {HiFormat.FLOAT16: 0, HiFormat.BFLOAT16: 1}
+
+
 class Selection(str, Enum):
     """How the k hi positions of each group are chosen (the mask records the result)."""
 

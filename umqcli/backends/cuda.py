@@ -14,7 +14,7 @@ Modelled on thinc's ``backends/_custom_kernels.py``:
 
 The launch planning (grids, argument lists) is separate from the launch itself
 (:class:`KernelRunner`): :class:`CupyRunner` launches on a GPU, and
-:class:`umqcli.backends.host_shim.HostShimRunner` runs the same kernels, from the same
+:class:`umqcli.testing.host_shim.HostShimRunner` runs the same kernels, from the same
 sources, on the CPU, so CI exercises these launchers without a GPU.
 """
 
@@ -27,14 +27,11 @@ from typing import Protocol, Sequence
 import torch
 
 from ..codec import PackedTensor, check_stored_layout
+from .._optional import require_cupy
 from ..errors import UMQError
-from ..format import SCALE_SUFFIX, DATA_SUFFIX, MASK_SUFFIX, HiFormat, LoFormat
+from ..format import DATA_SUFFIX, HI_KERNEL_CODES, LO_KERNEL_CODES, MASK_SUFFIX, SCALE_SUFFIX
 from ..nvrtc import kernel_dir
 from . import check_matmul_input
-
-# Kernel argument codes; the same numbers as UMQ_LO_* / UMQ_HI_* in umq_common.cuh.
-LO_CODES = {LoFormat.FP8_E4M3: 0, LoFormat.FP8_E5M2: 1, LoFormat.INT8: 2}
-HI_CODES = {HiFormat.FLOAT16: 0, HiFormat.BFLOAT16: 1}
 
 DECODE_SOURCE = "umq_decode.cu"
 MATMUL_SOURCE = "umq_matmul.cu"
@@ -78,8 +75,10 @@ def _probe() -> str | None:
     if not torch.cuda.is_available():
         return "this torch build or machine has no CUDA device (torch.cuda.is_available() is False)"
     try:
-        import cupy
-    except Exception as exc:  # ImportError, or a broken CUDA install
+        cupy = require_cupy("the cuda backend")
+    except UMQError as exc:
+        return exc.message
+    except Exception as exc:  # a broken CUDA install fails inside CuPy's own import
         return f"CuPy is not importable ({exc.__class__.__name__}: {exc})"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
@@ -116,9 +115,7 @@ class CupyRunner:
     def __init__(self, device: torch.device | None = None) -> None:
         if not is_available():
             raise UMQError(f"backend 'cuda' is unavailable: {unavailable_reason()}", rule="backend")
-        import cupy
-
-        self._cupy = cupy
+        self._cupy = require_cupy("the cuda backend")
         self.device = device or torch.device("cuda", torch.cuda.current_device())
 
     def module(self, source: str):
@@ -178,7 +175,7 @@ def _beyond_kernel(*sizes: int) -> bool:
 class CudaBackend:
     """Decode and fused matmul with the ``kernels/*.cu`` kernels (contract: see
     :mod:`umqcli.backends`). ``runner`` defaults to :class:`CupyRunner`; tests pass a
-    :class:`~umqcli.backends.host_shim.HostShimRunner` to run the same launchers on the
+    :class:`~umqcli.testing.host_shim.HostShimRunner` to run the same launchers on the
     CPU. Results are returned on ``x``'s device (decode: on the runner's device)."""
 
     name = "cuda"
@@ -205,7 +202,7 @@ class CudaBackend:
             DECODE_KERNELS[kernel_dtype],
             (blocks, 1, 1),
             (DECODE_THREADS, 1, 1),
-            (data, mask, scale, out, rows, cols, spec.k, spec.block, LO_CODES[spec.lo], HI_CODES[spec.hi]),
+            (data, mask, scale, out, rows, cols, spec.k, spec.block, LO_KERNEL_CODES[spec.lo], HI_KERNEL_CODES[spec.hi]),
         )
         # float32 -> float64 (or any wider float) is exact, so the cast keeps bit-exactness.
         return out if kernel_dtype == target else out.to(target)
@@ -241,7 +238,7 @@ class CudaBackend:
                 grid,
                 (MATMUL_THREADS, 1, 1),
                 (x_part, data, mask, scale, y_part, part, rows, cols, spec.k, spec.block,
-                 LO_CODES[spec.lo], HI_CODES[spec.hi]),
+                 LO_KERNEL_CODES[spec.lo], HI_KERNEL_CODES[spec.hi]),
             )
         return y.reshape(*lead, rows).to(out_device)
 
