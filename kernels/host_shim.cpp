@@ -13,6 +13,7 @@
 
 #include "umq_decode.cu"
 #include "umq_matmul.cu"
+#include "umq_gemv.cu"
 #include "shim_selftest.cu"
 
 namespace {
@@ -42,6 +43,9 @@ const KernelEntry kKernels[] = {
     UMQ_SHIM_KERNEL(umq_decode_f16),
     UMQ_SHIM_KERNEL(umq_decode_bf16),
     UMQ_SHIM_KERNEL(umq_matmul_f32),
+    UMQ_SHIM_KERNEL(umq_gemv_f32),
+    UMQ_SHIM_KERNEL(umq_gemv_f16),
+    UMQ_SHIM_KERNEL(umq_gemv_bf16),
     UMQ_SHIM_KERNEL(umq_selftest_barrier),
     UMQ_SHIM_KERNEL(umq_selftest_divergent),
 };

@@ -18,8 +18,17 @@ def test_nvrtc_matches_runtime_headers():
     assert nvrtc_version[0] == 12
 
 
-@pytest.mark.parametrize("source", nvrtc.KERNEL_SOURCES)
-@pytest.mark.parametrize("arch", nvrtc.CI_ARCHITECTURES + (nvrtc.PTX_ARCHITECTURE,))
+# umq_gemv.cu compiles slowly (3 entry points x 16 unrolled accumulators, ~7 s per
+# architecture): sm_80 and the PTX here, sm_90 in test_gemv_fits_hopper_without_spills.
+COMPILES = [
+    (source, arch)
+    for source in nvrtc.KERNEL_SOURCES
+    for arch in nvrtc.CI_ARCHITECTURES + (nvrtc.PTX_ARCHITECTURE,)
+    if source != "umq_gemv.cu" or arch in ("sm_80", nvrtc.PTX_ARCHITECTURE)
+]
+
+
+@pytest.mark.parametrize(("source", "arch"), COMPILES)
 def test_kernel_compiles(source, arch):
     result = nvrtc.compile_kernel(source, arch)
     if arch.startswith("sm_"):
@@ -28,7 +37,8 @@ def test_kernel_compiles(source, arch):
         ptx = result.binary.decode()
         assert f".target sm_{arch.split('_')[1]}" in ptx
         for kernel in {"umq_decode.cu": ("umq_decode_f32", "umq_decode_f16", "umq_decode_bf16"),
-                       "umq_matmul.cu": ("umq_matmul_f32",)}[source]:
+                       "umq_matmul.cu": ("umq_matmul_f32",),
+                       "umq_gemv.cu": ("umq_gemv_f32", "umq_gemv_f16", "umq_gemv_bf16")}[source]:
             assert f".visible .entry {kernel}(" in ptx  # extern "C": unmangled names for RawModule
     # The kernels use nothing NVRTC warns about (sm_70 itself is flagged as deprecated by
     # CUDA 12.9; that note is about the target, not the code).
@@ -76,3 +86,18 @@ def test_kernel_codes_match_umq_common_cuh():
     expected |= {f"HI_{hi.name}": code for hi, code in HI_KERNEL_CODES.items()}
     assert defines == expected
     assert set(LO_KERNEL_CODES) == set(LoFormat) and set(HI_KERNEL_CODES) == set(HiFormat)
+
+
+def test_gemv_fits_hopper_without_spills():
+    """ptxas' report for sm_90 (H200): the GEMV kernels keep their 16 accumulators and
+    the decoded group in registers (no local-memory spills, which would add a memory
+    round trip to a kernel that is bound by memory) and fit the 48 KiB static shared
+    memory limit with room for several blocks per SM."""
+    log = nvrtc.compile_kernel("umq_gemv.cu", "sm_90", ("--ptxas-options=-v",)).log
+    reports = re.findall(r"Function properties for (umq_gemv_\w+)\s+ptxas\s+\.\s+(\d+) bytes stack frame, "
+                         r"(\d+) bytes spill stores, (\d+) bytes spill loads\s+ptxas info\s+: Used (\d+) registers"
+                         r".*?(\d+) bytes smem", log)
+    assert {r[0] for r in reports} == {"umq_gemv_f32", "umq_gemv_f16", "umq_gemv_bf16"}, log
+    for name, stack, stores, loads, registers, smem in reports:
+        assert (int(stack), int(stores), int(loads)) == (0, 0, 0), (name, log)
+        assert int(registers) <= 128 and int(smem) <= 48 * 1024, (name, log)

@@ -279,3 +279,70 @@ def test_matmul_m_sliced_across_launches(shim, monkeypatch):
     packed = quantize(weight(40, 48, torch.float32, seed=6), QuantParams(k=2, lo="int8"))
     x = torch.randn(150, 48, generator=torch.Generator().manual_seed(6))  # 3 slices: 64, 64, 22
     assert_matmul_close(shim.matmul(x, packed), x, packed)
+
+
+# --------------------------------------------------------------------------- small-M GEMV
+
+
+class RecordingRunner:
+    """The shim runner, remembering which kernels ran with which arguments."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.device = runner.device
+        self.launches = []
+
+    def launch(self, source, kernel, grid, block, args):
+        self.launches.append((kernel, grid, args))
+        self.runner.launch(source, kernel, grid, block, args)
+
+
+@pytest.mark.parametrize("x_dtype", SOURCE_DTYPES, ids=lambda d: str(d)[6:])
+def test_gemv_every_lo_k_and_block(shim_runner, x_dtype):
+    """Every lo format, k in {0, 1, 3, 8}, per-row / 8 / 32 scales, x in its own dtype:
+    288 columns = one full 32-group chunk and a 4-group tail; 9 rows = one full block of
+    8 warps and one with a single live warp."""
+    recorder = RecordingRunner(shim_runner)
+    backend = CudaBackend(runner=recorder)
+    x = torch.randn(3, 288, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    for index, (k, lo) in enumerate(itertools.product((0, 1, 3, 8), LoFormat)):
+        block = (0, 8, 32)[index % 3]  # each k meets every lo and every block size
+        packed = quantize(weight(9, 288, torch.bfloat16, seed=k + 11), QuantParams(k=k, lo=lo, block=block))
+        y = backend.matmul(x, packed)
+        assert_matmul_close(y, x.float(), packed)
+        twin = TorchBackend().matmul(x, packed)
+        assert float(((y - twin).abs().double() - 2 * dot_error_bound(x.float(), packed)).max()) <= 0.0
+    assert {kernel for kernel, _, _ in recorder.launches} == {cuda_backend.GEMV_KERNELS[x_dtype]}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 8), (7, 40), (70, 520)])
+def test_gemv_edges_and_kernel_choice(shim_runner, m, rows, cols):
+    """M = 1..16 runs the GEMV kernel, M = 17 the tile kernel; R not a multiple of 8 rows
+    per block, C not a multiple of the 256-column chunk (520 = 2 chunks + 1 group)."""
+    recorder = RecordingRunner(shim_runner)
+    backend = CudaBackend(runner=recorder)
+    packed = quantize(weight(rows, cols, torch.float16, seed=rows * cols), QuantParams(k=3, lo="fp8_e5m2", block=8))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    assert_matmul_close(backend.matmul(x, packed), x.float(), packed)
+    (kernel, grid, _), = recorder.launches
+    if m <= cuda_backend.GEMV_MAX_M:
+        assert kernel == "umq_gemv_bf16" and grid == (-(-rows // 8), 1, 1)
+    else:
+        assert kernel == "umq_matmul_f32"
+
+
+def test_gemv_realigns_unaligned_inputs(shim_runner):
+    """The kernel's 16-byte vector loads need 16-byte aligned bases: views that start
+    anywhere (x, or data read from a memory-mapped file) are copied to aligned memory."""
+    recorder = RecordingRunner(shim_runner)
+    backend = CudaBackend(runner=recorder)
+    packed = quantize(weight(10, 48, torch.float32, seed=2), QuantParams(k=1, lo="int8", block=16))
+    shifted = torch.empty(packed.data.numel() + 1, dtype=torch.uint8)[1:].view(packed.data.shape)
+    shifted.copy_(packed.data)
+    moved = PackedTensor.from_stored(packed.spec, shifted, packed.mask, packed.scale)
+    x = torch.randn(2 * 48 + 1)[1:].view(2, 48)
+    assert shifted.data_ptr() % 16 and x.data_ptr() % 16
+    assert_matmul_close(backend.matmul(x, moved), x, packed)
+    (_, _, args), = recorder.launches
+    assert args[0].data_ptr() % 16 == 0 and args[1].data_ptr() % 16 == 0

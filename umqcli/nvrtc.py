@@ -20,7 +20,7 @@ from .errors import UMQError
 # Architectures CI compiles for: Ampere (A100, RTX 30), Ada (L4, RTX 40), Hopper (H100).
 CI_ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90")
 PTX_ARCHITECTURE = "compute_70"  # PTX JIT-compiles on any sm_70+ device
-KERNEL_SOURCES = ("umq_decode.cu", "umq_matmul.cu")
+KERNEL_SOURCES = ("umq_decode.cu", "umq_matmul.cu", "umq_gemv.cu")
 
 
 def kernel_dir() -> Path:
@@ -84,9 +84,11 @@ def _check(result, what: str) -> None:
         raise UMQError(f"{what} failed: {text.decode()}", rule="nvrtc")
 
 
-def compile_kernel(source: str, arch: str) -> CompileResult:
+def compile_kernel(source: str, arch: str, extra_options: tuple[str, ...] = ()) -> CompileResult:
     """Compile ``kernels/<source>`` for ``arch`` (``"sm_80"`` -> cubin, ``"compute_80"``
-    -> PTX). Raises :class:`UMQError` (rule ``nvrtc``) with NVRTC's log on any error."""
+    -> PTX). ``extra_options``: more NVRTC flags (``--ptxas-options=-v`` puts the
+    register, spill and shared-memory report in the log). Raises :class:`UMQError` (rule
+    ``nvrtc``) with NVRTC's log on any error."""
     from cuda.bindings import nvrtc
 
     directory = kernel_dir()
@@ -100,6 +102,7 @@ def compile_kernel(source: str, arch: str) -> CompileResult:
             b"--std=c++17",
             f"--include-path={directory}".encode(),
             f"--include-path={runtime_include_dir()}".encode(),
+            *(option.encode() for option in extra_options),
         ]
         (status,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         log = _program_log(program)

@@ -35,6 +35,17 @@ from . import check_matmul_input
 
 DECODE_SOURCE = "umq_decode.cu"
 MATMUL_SOURCE = "umq_matmul.cu"
+GEMV_SOURCE = "umq_gemv.cu"
+# The small-M kernel takes x in its own dtype (exact conversion to float32 in registers).
+GEMV_KERNELS = {
+    torch.float32: "umq_gemv_f32",
+    torch.float16: "umq_gemv_f16",
+    torch.bfloat16: "umq_gemv_bf16",
+}
+GEMV_MAX_M = 16  # UMQ_GEMV_MAX_M of umq_gemv.cu: up to here the GEMV kernel, beyond it the tiles
+GEMV_ROWS = 8  # UMQ_GEMV_ROWS: W rows per block (one per warp)
+GEMV_THREADS = 256
+VECTOR_ALIGN = 16  # the GEMV kernel reads x and the payload with 16-byte vector loads
 DECODE_KERNELS = {
     torch.float32: "umq_decode_f32",
     torch.float16: "umq_decode_f16",
@@ -167,6 +178,12 @@ def _packed_on(packed: PackedTensor, device: torch.device, name: str | None) -> 
     return tuple(tensors)
 
 
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its first byte is 16-byte aligned, else an aligned copy (a
+    fresh allocation; a view into a memory-mapped file can start anywhere)."""
+    return tensor if tensor.data_ptr() % VECTOR_ALIGN == 0 else tensor.clone()
+
+
 def _beyond_kernel(*sizes: int) -> bool:
     """True when a size does not fit the kernels' int32 arguments."""
     return any(size > INT32_MAX for size in sizes)
@@ -209,8 +226,9 @@ class CudaBackend:
 
     def matmul(self, x: torch.Tensor, packed: PackedTensor, *, name: str | None = None) -> torch.Tensor:
         """``x`` float ``[..., C]`` -> float32 ``[..., R]`` = ``x · Ŵᵀ``, fused from the
-        packed bytes with float32 accumulation. ``x`` is cast to contiguous float32 (no
-        copy when it already is)."""
+        packed bytes with float32 accumulation. Up to ``GEMV_MAX_M`` rows of ``x`` go to
+        the GEMV kernel (``x`` read in float32/float16/bfloat16 as given), more to the
+        64 x 64 tile kernel (``x`` cast to contiguous float32, no copy when it already is)."""
         check_matmul_input(x, packed)
         spec = packed.spec
         rows, cols = spec.shape
@@ -223,6 +241,33 @@ class CudaBackend:
         if m == 0:  # nothing to launch (a zero-size grid is a launch error)
             return torch.empty(*lead, rows, dtype=torch.float32, device=out_device)
         data, mask, scale = _packed_on(packed, self.runner.device, name)
+        if m <= GEMV_MAX_M:
+            y = self._gemv(flat, data, mask, scale, spec)
+        else:
+            y = self._tiles(flat, data, mask, scale, spec)
+        return y.reshape(*lead, rows).to(out_device)
+
+    def _gemv(self, flat, data, mask, scale, spec) -> torch.Tensor:
+        """M <= 16: one warp per W row, 16-byte vector loads (umq_gemv.cu)."""
+        m, cols = flat.shape
+        rows = spec.rows
+        kernel_dtype = flat.dtype if flat.dtype in GEMV_KERNELS else torch.float32
+        x = _aligned(flat.to(device=self.runner.device, dtype=kernel_dtype).contiguous())
+        y = torch.empty(m, rows, dtype=torch.float32, device=self.runner.device)
+        self.runner.launch(
+            GEMV_SOURCE,
+            GEMV_KERNELS[kernel_dtype],
+            (-(-rows // GEMV_ROWS), 1, 1),
+            (GEMV_THREADS, 1, 1),
+            (x, _aligned(data), mask, scale, y, m, rows, cols, spec.k, spec.block,
+             LO_KERNEL_CODES[spec.lo], HI_KERNEL_CODES[spec.hi]),
+        )
+        return y
+
+    def _tiles(self, flat, data, mask, scale, spec) -> torch.Tensor:
+        """Any M: 64 x 64 output tiles (umq_matmul.cu), x in float32."""
+        m, cols = flat.shape
+        rows = spec.rows
         flat = flat.to(device=self.runner.device, dtype=torch.float32).contiguous()
         y = torch.empty(m, rows, dtype=torch.float32, device=self.runner.device)
         # gridDim.y is capped at 65535: launch M in slices of at most 65535 tiles.
@@ -240,7 +285,7 @@ class CudaBackend:
                 (x_part, data, mask, scale, y_part, part, rows, cols, spec.k, spec.block,
                  LO_KERNEL_CODES[spec.lo], HI_KERNEL_CODES[spec.hi]),
             )
-        return y.reshape(*lead, rows).to(out_device)
+        return y
 
     def _fallback(self):
         from .torch import TorchBackend

@@ -25,7 +25,8 @@ from ..errors import UMQError
 from ..nvrtc import kernel_dir
 
 SHIM_SOURCES = (
-    "host_shim.h", "host_shim.cpp", "umq_common.cuh", "umq_decode.cu", "umq_matmul.cu", "shim_selftest.cu",
+    "host_shim.h", "host_shim.cpp", "umq_common.cuh", "umq_decode.cu", "umq_matmul.cu", "umq_gemv.cu",
+    "shim_selftest.cu",
 )
 # -ffp-contract=off: no fused multiply-add, so every float32 product is rounded on its
 # own (decode(q) * scale must round exactly once, as in the torch codec).
