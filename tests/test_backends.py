@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_helpers import bit_pattern, dot_error_bound
+from kernel_helpers import bit_pattern
+from umqcli.testing.bounds import dot_error_bound
 from umqcli.backends import BACKEND_NAMES, Backend, cuda_available, get_backend
 from umqcli.backends.torch import TorchBackend
 from umqcli.codec import dequantize, quantize

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kernel_helpers import bit_pattern, dot_error_bound, shim_build_dir
+from kernel_helpers import bit_pattern, shim_build_dir
+from umqcli.testing.bounds import dot_error_bound
 from umqcli.backends import cuda as cuda_backend
 from umqcli.backends.cuda import CudaBackend
 from umqcli.testing.host_shim import HostShimRunner

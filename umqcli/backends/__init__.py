@@ -5,8 +5,11 @@ One seam, two implementations with the same signatures:
 - ``torch`` (:mod:`umqcli.backends.torch`): the reference twin, ``codec.dequantize``
   followed by a float32 matmul; runs anywhere torch runs.
 - ``cuda`` (:mod:`umqcli.backends.cuda`): CuPy ``RawModule`` kernels compiled from the
-  repository's ``kernels/*.cu``; a decode kernel and a fused matmul that reads the packed
-  bytes directly. Needs CuPy and a CUDA device.
+  repository's ``kernels/*.cu``; a decode kernel and fused matmuls (a GEMV for M <= 16,
+  64 x 64 tiles beyond) that read the packed bytes directly. Needs CuPy and a CUDA device.
+- ``split`` (:mod:`umqcli.backends.split`): the seed's split matmul on stock torch GEMMs,
+  an FP8/int8 GEMM on the lo codes plus a 16-bit GEMM on the hi values; it rounds the
+  activations, so its matmul bound is looser (``umqcli.testing.bounds.split_error_bound``).
 
 Every backend has ``.name`` and
 
@@ -30,7 +33,7 @@ import torch as _torch
 from ..codec import PackedTensor
 from ..errors import UMQError
 
-BACKEND_NAMES = ("auto", "torch", "cuda")
+BACKEND_NAMES = ("auto", "torch", "cuda", "split")
 
 
 @runtime_checkable
@@ -69,7 +72,7 @@ def cuda_available() -> bool:
 
 def get_backend(name: str = "auto") -> Backend:
     """The backend called ``name``: ``"auto"`` (CUDA if available, else torch),
-    ``"torch"`` or ``"cuda"``. Raises :class:`UMQError` (rule ``backend``) for an unknown
+    ``"torch"``, ``"cuda"`` or ``"split"``. Raises :class:`UMQError` (rule ``backend``) for an unknown
     name or for ``"cuda"`` where CuPy or a device is missing."""
     name = str(getattr(name, "value", name)).lower()
     if name not in BACKEND_NAMES:
@@ -80,6 +83,10 @@ def get_backend(name: str = "auto") -> Backend:
         from .torch import TorchBackend
 
         return TorchBackend()
+    if name == "split":
+        from .split import SplitBackend
+
+        return SplitBackend()
     from . import cuda
 
     if cuda.is_available():
