@@ -116,6 +116,37 @@ def test_gpu_matmul_within_float32_bound(cuda_backend, m, rows, cols):
     assert float(((y.double() - reference).abs() - dot_error_bound(x, packed)).max()) <= 0
 
 
+@gpu
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("lo", list(LoFormat))
+def test_gpu_gemv_within_float32_bound(cuda_backend, x_dtype, lo):
+    """M = 1..16 runs the GEMV kernel (16-byte vector loads; R, C off its block sizes)."""
+    for k, m in ((0, 1), (1, 2), (3, 16), (8, 5)):
+        _, packed = packed_weight(1001, 520, torch.bfloat16, k=k, lo=lo, block=8)
+        x = torch.randn(m, 520).to(x_dtype)
+        y = cuda_backend.matmul(x.cuda(), packed).cpu()
+        reference = x.double() @ dequantize(packed, torch.float32).double().T
+        assert float(((y.double() - reference).abs() - dot_error_bound(x.float(), packed)).max()) <= 0, (k, m)
+
+
+@gpu
+@pytest.mark.parametrize("lo", list(LoFormat))
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_gpu_split_within_its_bound(lo, m):
+    """The split backend on cuBLAS: FP8 (or int8) GEMM on the lo codes, 16-bit GEMM with
+    float32 output on the hi values."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from umqcli.backends.split import SplitBackend
+    from umqcli.testing.bounds import split_error_bound
+
+    _, packed = packed_weight(200, 264, torch.float16, k=2, lo=lo, block=0)
+    x = torch.randn(m, 264)
+    y = SplitBackend().matmul(x.cuda(), packed).cpu()
+    reference = x.double() @ dequantize(packed, torch.float32).double().T
+    assert float(((y.double() - reference).abs() - split_error_bound(x, packed)).max()) <= 0
+
+
 @pytest.mark.skipif(cuda_available(), reason="a CUDA device is present")
 def test_cupy_runner_without_device_is_a_clear_error():
     from umqcli.backends.cuda import CupyRunner
