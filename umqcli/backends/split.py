@@ -146,9 +146,12 @@ def quantize_rows(x: torch.Tensor, fmt: ActivationFormat) -> tuple[torch.Tensor,
 def _mm_float32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """``a @ b_t`` for 16-bit operands with float32 output and accumulation."""
     if a.is_cuda:
-        return torch.mm(a, b_t, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b_t, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm.dtype: a float32 GEMM
+            pass
     # The CPU has no mm.dtype: products of 16-bit values are exact in float32, so this
-    # is the same arithmetic (a float32 sum of exact products).
+    # is the same arithmetic (a float32 sum of exact products), at float32 GEMM speed.
     return a.float() @ b_t.float()
 
 
