@@ -105,8 +105,8 @@ class Machine:
             self.device = torch.device("cpu")
             runner = HostShimRunner.build(scratch)
         else:
-            self.device = torch.device("cuda")
-            runner = CupyRunner(self.device)  # the first CUDA call
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the first CUDA call
+            runner = CupyRunner(self.device)
         self.kernels = CudaBackend(runner=runner)
         self.split = SplitBackend()
 

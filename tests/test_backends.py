@@ -154,3 +154,16 @@ def test_cupy_runner_without_device_is_a_clear_error():
     with pytest.raises(UMQError) as info:
         CupyRunner()
     assert info.value.rule == "backend" and "unavailable" in str(info.value)
+
+
+def test_cupy_gets_16_bit_floats_as_int16_views():
+    """CuPy before 14 has no bfloat16 dtype: the runner hands 16-bit float tensors (GEMV
+    inputs, decode outputs) over as int16 views of the same memory."""
+    from umqcli.backends.cuda import _cupy_viewable
+
+    for dtype in (torch.bfloat16, torch.float16):
+        tensor = torch.arange(4).to(dtype)
+        view = _cupy_viewable(tensor)
+        assert view.dtype == torch.int16 and view.data_ptr() == tensor.data_ptr()
+    tensor = torch.zeros(3)
+    assert _cupy_viewable(tensor) is tensor

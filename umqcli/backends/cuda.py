@@ -147,9 +147,18 @@ class CupyRunner:
             # Inside the stream context DLPack exchanges on torch's own stream: no copy,
             # no extra synchronisation.
             converted = tuple(
-                cupy.from_dlpack(arg) if isinstance(arg, torch.Tensor) else cupy.int32(arg) for arg in args
+                cupy.from_dlpack(_cupy_viewable(arg)) if isinstance(arg, torch.Tensor) else cupy.int32(arg)
+                for arg in args
             )
             function(grid, block, converted)
+
+
+def _cupy_viewable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a same-width integer view of it when CuPy may not know its dtype
+    (bfloat16 has no CuPy dtype before CuPy 14; the kernels take raw bit patterns anyway)."""
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.view(torch.int16)
+    return tensor
 
 
 # --------------------------------------------------------------------------- launchers
