@@ -33,11 +33,12 @@ def main() -> None:
         print(f"g++ build of the shim library: {time.perf_counter() - start:.2f} s")
         print(f"{'M x R x C':>16} {'blocks x threads':>17} {'shim matmul ms':>15} {'shim decode ms':>15} {'torch matmul ms':>16}")
         generator = torch.Generator().manual_seed(0)
-        for m, r, c in ((64, 256, 128), (17, 130, 264), (256, 384, 384)):
+        for m, r, c in ((1, 256, 128), (16, 256, 128), (64, 256, 128), (17, 130, 264), (256, 384, 384)):
             packed = quantize(torch.randn(r, c, generator=generator), QuantParams(k=2, lo="fp8_e4m3", block=8))
             x = torch.randn(m, c, generator=generator)
             weight = dequantize(packed, torch.float32)
-            blocks = -(-r // 64) * -(-m // 64)
+            # M <= 16: the GEMV kernel (8 rows per block), else 64 x 64 tiles.
+            blocks = -(-r // 8) if m <= 16 else -(-r // 64) * -(-m // 64)
             shim_mm = time_ms(lambda: shim.matmul(x, packed), args.repeat)
             shim_dec = time_ms(lambda: shim.decode(packed), args.repeat)
             torch_mm = time_ms(lambda: x @ weight.T, args.repeat)
