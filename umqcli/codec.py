@@ -30,7 +30,9 @@ from .format import (
     SCALE_SUFFIX,
     HiFormat,
     LoFormat,
+    Method,
     QuantParams,
+    ScaleRule,
     Selection,
     TensorSpec,
     dtype_name,
@@ -378,6 +380,12 @@ def quantize(
     elements when numba is installed, else the torch reference; True/False force one or
     the other (False = always the reference). Both give identical bytes.
     """
+    if params.method is not Method.RTN or params.scale_rule is not ScaleRule.ABSMAX:
+        raise UMQError(
+            f"method {params.method.value!r} with scale rule {params.scale_rule.value!r} is "
+            f"umqcli.gptq.quantize_gptq's (this codec rounds to nearest under absmax scales)",
+            rule="method", tensor=name,
+        )
     # A Parameter is fine (packing is not differentiable); row-major makes every
     # [R, C/B, B] and [R, G, 8] view below valid (a no-op for the usual contiguous input).
     weight = weight.detach().contiguous()
@@ -411,7 +419,24 @@ def _quantize(weight, params, act_sq, mask) -> PackedTensor:
         if bool((counts != params.k).any()):
             raise UMQError(f"a given mask must have exactly {params.k} hi per group", rule="popcount")
         hi = resolve_hi(weight, mask, params.hi)
+    scale = block_scales(weight32, mask, block, params.lo)
+    return assemble(weight, params, hi, mask, scale, quantize_lo(weight32, scale, block, params.lo))
 
+
+def assemble(
+    weight: torch.Tensor,
+    params: QuantParams,
+    hi: HiFormat,
+    mask: torch.Tensor,
+    scale: torch.Tensor,
+    lo_bytes: torch.Tensor,
+) -> PackedTensor:
+    """The packed tensor from its parts, whatever rule made them: the source ``weight``
+    ``[R, C]`` (its hi values are stored, rounded to ``hi``), the hi ``mask`` bool
+    ``[R, C]``, the block ``scale`` float32 ``[R, C/block]`` and the ``lo_bytes`` uint8
+    ``[R, C]`` (entries under the mask are ignored). Raises for a hi value that is not
+    finite in ``hi`` (rule ``hi-overflow``)."""
+    block = params.resolve_block(weight.shape[1])
     hi_bits = encode_hi(weight, hi)
     hi_overflow = mask & ~torch.isfinite(hi_bits.view(hi.torch_dtype))
     if bool(hi_overflow.any()):
@@ -421,8 +446,6 @@ def _quantize(weight, params, act_sq, mask) -> PackedTensor:
             f"(use --hi bfloat16 or auto)",
             rule="hi-overflow",
         )
-    scale = block_scales(weight32, mask, block, params.lo)
-    lo_bytes = quantize_lo(weight32, scale, block, params.lo)
     data = interleave(lo_bytes, hi_bits, mask, params.k)
     mask_bytes = mask_bits(mask)
     return _packed_result(weight, params, hi, block, data, mask_bytes, scale)
@@ -445,7 +468,7 @@ def _packed_result(
         lo=params.lo,
         hi=hi,
         block=block,
-        selection=params.selection.value,
+        selection=params.recorded_selection,
         scale_rule=params.scale_rule.value,
         crc32={"data": crc32(data), "mask": crc32(mask_bytes), "scale": crc32(scale)},
     )

@@ -99,12 +99,37 @@ class Selection(str, Enum):
     """Error-greedy weighted by the per-input-channel activation second moment E[x_j^2],
     i.e. the expected output error (see ``codec.select_error``)."""
 
+    SALIENCY = "saliency"
+    """Error-greedy weighted by ``1 / [H^-1]_jj`` of the layer's input Hessian, the GPTQ /
+    SpQR outlier criterion (seeded with the k largest ``w^2 / [H^-1]_jj``); needs the
+    Hessian, so only with the ``gptq`` method (see ``gptq.select_hi``)."""
+
 
 class ScaleRule(str, Enum):
     """How each block's lo scale is chosen. Readers only ever see the stored scale."""
 
     ABSMAX = "absmax"
     """scale = float32(amax over the block's lo elements) / MAX (0 when amax is 0)."""
+
+    CLIP = "clip"
+    """absmax times the clip ratio (a grid in [0.5, 1]) with the least squared lo error
+    of the block (see ``gptq.search_scales``)."""
+
+    CLIP_HESSIAN = "clip-hessian"
+    """As ``clip``, the squared error weighted per input column by the Hessian diagonal
+    ``H_jj = E[x_j^2]`` (the activation statistics)."""
+
+
+class Method(str, Enum):
+    """How the lo values are rounded (the bytes are FORMAT v1 either way)."""
+
+    RTN = "rtn"
+    """Each lo value rounded to nearest on its own (``codec.quantize``)."""
+
+    GPTQ = "gptq"
+    """Column by column with second-order error feedback through the inverse of the
+    layer's input Hessian (Frantar et al. 2022; see :mod:`umqcli.gptq`). Recorded in the
+    file as ``selection = "<selection>+gptq"``."""
 
 
 SOURCE_DTYPES: dict[str, torch.dtype] = {
@@ -138,6 +163,8 @@ class QuantParams:
       else bfloat16.
     - ``block``: columns sharing one lo scale (a multiple of 8 dividing C), 0 for a row.
     - ``selection``: which positions are hi.
+    - ``scale_rule``: how each block's lo scale is chosen.
+    - ``method``: how lo values are rounded (``rtn`` or ``gptq``, which needs the Hessian).
     """
 
     k: int = 1
@@ -146,6 +173,7 @@ class QuantParams:
     block: int = 0
     selection: Selection = Selection.MAGNITUDE
     scale_rule: ScaleRule = ScaleRule.ABSMAX
+    method: Method = Method.RTN
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -157,6 +185,10 @@ class QuantParams:
             object.__setattr__(self, "hi", None)
         object.__setattr__(self, "selection", _enum(Selection, self.selection, "selection"))
         object.__setattr__(self, "scale_rule", _enum(ScaleRule, self.scale_rule, "scale_rule"))
+        object.__setattr__(self, "method", _enum(Method, self.method, "method"))
+        if self.selection is Selection.SALIENCY and self.method is not Method.GPTQ:
+            raise UMQError("selection 'saliency' needs the gptq method (it uses the Hessian)",
+                           rule="selection")
         if not isinstance(self.k, int) or not 0 <= self.k <= GROUP:
             raise UMQError(f"k must be an integer in 0..8, got {self.k!r}", rule="k")
         if not isinstance(self.block, int) or self.block < 0 or self.block % GROUP:
@@ -174,6 +206,20 @@ class QuantParams:
             )
         return block
 
+    @property
+    def recorded_selection(self) -> str:
+        """The ``selection`` string written to the file: the selection, plus ``+gptq``
+        when the lo values were rounded with error feedback."""
+        if self.method is Method.GPTQ:
+            return f"{self.selection.value}+{self.method.value}"
+        return self.selection.value
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether packing with these parameters needs the layer's input statistics
+        beyond E[x^2]: the gptq method (the Hessian)."""
+        return self.method is Method.GPTQ
+
     def bits_per_element(self, columns: int | None = None) -> float:
         """Stored bits per element: payload + mask + scale (FORMAT §6)."""
         block = self.block or columns
@@ -188,11 +234,12 @@ class QuantParams:
             "block": self.block,
             "selection": self.selection.value,
             "scale_rule": self.scale_rule.value,
+            "method": self.method.value,
         }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "QuantParams":
-        known = {"k", "lo", "hi", "block", "selection", "scale_rule"}
+        known = {"k", "lo", "hi", "block", "selection", "scale_rule", "method"}
         unknown = set(obj) - known
         if unknown:
             raise UMQError(f"unknown parameter(s) {sorted(unknown)}", rule="params")

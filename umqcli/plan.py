@@ -120,7 +120,7 @@ class TensorPlan:
             lo=self.params.lo,
             hi=self.params.hi or _widest_hi(),
             block=self.params.resolve_block(cols),
-            selection=self.params.selection.value,
+            selection=self.params.recorded_selection,
             scale_rule=self.params.scale_rule.value,
             crc32={"data": 2**32 - 1, "mask": 2**32 - 1, "scale": 2**32 - 1},
         )
