@@ -4,11 +4,12 @@
 // and launches only R / 64 blocks; a GEMV is bound by reading the packed bytes once, so
 // this kernel is built around that read:
 //   - one warp per W row, 8 rows per block of 256 threads (grid: ceil(R / 8) blocks);
-//   - the warp walks its row 32 groups (one per lane) at a time. The chunk's payload,
-//     32 * (8 + k) contiguous bytes, is staged in shared memory with 16-byte vector loads
-//     (aligned to 16 bytes of the data tensor, whose base the launcher aligns), then each
-//     lane decodes its group from shared memory: the mask byte drives the layout (the
-//     byte of position i sits at i + popcount(mask & ((1 << i) - 1)), FORMAT §3);
+//   - the warp walks its row 64 groups (two per lane) at a time. The chunk's payload,
+//     64 * (8 + k) contiguous bytes, is staged in shared memory with 16-byte vector loads
+//     (aligned to 16 bytes of the data tensor, whose base the launcher aligns; up to three
+//     loads per lane issued back to back, so more bytes are in flight per barrier), then
+//     each lane decodes its two groups from shared memory: the mask byte drives the layout
+//     (the byte of position i sits at i + popcount(mask & ((1 << i) - 1)), FORMAT §3);
 //   - X is read with 16-byte vector loads too (8 activations of one group: two float4 for
 //     float32, one 16-byte vector for float16/bfloat16, converted exactly to float32), and
 //     every lane accumulates M float32 partial sums;
@@ -22,14 +23,19 @@
 //   data  uint8 [R, (C / 8) * (8 + k)],  mask uint8 [R, C / 8],  scale float32 [R, C / block]
 //   y     float32 [M, R]
 // Launch: grid (ceil(R / 8)), block (256). 1 <= M <= 16; C % 8 == 0.
+// sm_90 (ptxas): 62-72 registers, no spills, 33 KB static shared memory: 3 blocks per SM,
+// about 15 KB of payload loads in flight per SM per step. (Capping registers at 64 for a
+// 4th block makes the bf16 variant spill.)
 #include "umq_common.cuh"
 
 #define UMQ_GEMV_MAX_M 16
 #define UMQ_GEMV_THREADS 256
 #define UMQ_GEMV_WARP 32
 #define UMQ_GEMV_ROWS (UMQ_GEMV_THREADS / UMQ_GEMV_WARP)  // one W row per warp
-// A chunk is 32 groups of at most 16 bytes, starting up to 15 bytes into its first vector.
-#define UMQ_GEMV_STAGE_VECTORS ((UMQ_GEMV_WARP * 2 * UMQ_GROUP + 15) / 16 + 1)
+#define UMQ_GEMV_LANE_GROUPS 2                               // groups a lane decodes per chunk
+#define UMQ_GEMV_CHUNK (UMQ_GEMV_WARP * UMQ_GEMV_LANE_GROUPS)  // groups per warp per step
+// A chunk is 64 groups of at most 16 bytes, starting up to 15 bytes into its first vector.
+#define UMQ_GEMV_STAGE_VECTORS ((UMQ_GEMV_CHUNK * 2 * UMQ_GROUP + 15) / 16 + 1)
 
 struct alignas(16) UmqVec16 {
     unsigned int a, b, c, d;
@@ -91,10 +97,10 @@ __device__ __forceinline__ void umq_gemv_impl(const void* __restrict__ x,
     for (int m = 0; m < UMQ_GEMV_MAX_M; ++m) acc[m] = 0.0f;
 
     int buffer = 0;
-    for (long long g0 = 0; g0 < groups; g0 += UMQ_GEMV_WARP, buffer ^= 1) {
+    for (long long g0 = 0; g0 < groups; g0 += UMQ_GEMV_CHUNK, buffer ^= 1) {
         // 1. Stage the chunk's bytes [start, end) with aligned 16-byte loads; a vector that
         //    would run past the tensor's last byte is copied byte by byte.
-        const long long count = groups - g0 < UMQ_GEMV_WARP ? groups - g0 : UMQ_GEMV_WARP;
+        const long long count = groups - g0 < UMQ_GEMV_CHUNK ? groups - g0 : UMQ_GEMV_CHUNK;
         const long long start = row_start + g0 * group_bytes;
         const long long end = start + count * group_bytes;
         const long long aligned = start & ~15LL;
@@ -113,11 +119,13 @@ __device__ __forceinline__ void umq_gemv_impl(const void* __restrict__ x,
             }
         }
         __syncthreads();
-        // 2. Decode this lane's group from shared memory and accumulate M dot products.
-        const long long group = g0 + lane;
-        if (live && lane < count) {
+        // 2. Decode this lane's groups from shared memory and accumulate M dot products.
+        for (int j = 0; j < UMQ_GEMV_LANE_GROUPS; ++j) {
+            const int local = lane + j * UMQ_GEMV_WARP;
+            if (!live || local >= count) break;
+            const long long group = g0 + local;
             float w[UMQ_GROUP];
-            const unsigned char* payload = (const unsigned char*)slot + head + lane * group_bytes;
+            const unsigned char* payload = (const unsigned char*)slot + head + local * group_bytes;
             umq_decode_group(payload, mask[row * groups + group],
                              scale[row * scales_per_row + group * UMQ_GROUP / block], lo, hi, w);
 #pragma unroll

@@ -301,14 +301,14 @@ class RecordingRunner:
 @pytest.mark.parametrize("x_dtype", SOURCE_DTYPES, ids=lambda d: str(d)[6:])
 def test_gemv_every_lo_k_and_block(shim_runner, x_dtype):
     """Every lo format, k in {0, 1, 3, 8}, per-row / 8 / 32 scales, x in its own dtype:
-    288 columns = one full 32-group chunk and a 4-group tail; 9 rows = one full block of
-    8 warps and one with a single live warp."""
+    576 columns = 72 groups, one full 64-group chunk and an 8-group tail; 9 rows = one
+    full block of 8 warps and one with a single live warp."""
     recorder = RecordingRunner(shim_runner)
     backend = CudaBackend(runner=recorder)
-    x = torch.randn(3, 288, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(3)).to(x_dtype)
     for index, (k, lo) in enumerate(itertools.product((0, 1, 3, 8), LoFormat)):
         block = (0, 8, 32)[index % 3]  # each k meets every lo and every block size
-        packed = quantize(weight(9, 288, torch.bfloat16, seed=k + 11), QuantParams(k=k, lo=lo, block=block))
+        packed = quantize(weight(9, 576, torch.bfloat16, seed=k + 11), QuantParams(k=k, lo=lo, block=block))
         y = backend.matmul(x, packed)
         assert_matmul_close(y, x.float(), packed)
         twin = TorchBackend().matmul(x, packed)
@@ -320,7 +320,7 @@ def test_gemv_every_lo_k_and_block(shim_runner, x_dtype):
 @pytest.mark.parametrize(("rows", "cols"), [(1, 8), (7, 40), (70, 520)])
 def test_gemv_edges_and_kernel_choice(shim_runner, m, rows, cols):
     """M = 1..16 runs the GEMV kernel, M = 17 the tile kernel; R not a multiple of 8 rows
-    per block, C not a multiple of the 256-column chunk (520 = 2 chunks + 1 group)."""
+    per block, C not a multiple of the 512-column chunk (520 = one chunk + 1 group)."""
     recorder = RecordingRunner(shim_runner)
     backend = CudaBackend(runner=recorder)
     packed = quantize(weight(rows, cols, torch.float16, seed=rows * cols), QuantParams(k=3, lo="fp8_e5m2", block=8))
