@@ -598,7 +598,8 @@ def interleave(lo_bytes: torch.Tensor, hi_bits: torch.Tensor, mask: torch.Tensor
 
 def validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool = True) -> None:
     """Check a packed tensor against FORMAT §2/§7: stored dtypes and shapes, crc32, the
-    popcount of every mask byte, every scale finite and >= 0, every lo byte a finite code.
+    popcount of every mask byte, every scale finite and >= 0, every lo byte a finite code,
+    every hi value finite (§4 forbids writing NaN or infinity; a reader refuses them).
 
     Costs about one pass over the stored bytes: each rule is first checked with a single
     reduction, and only a failing rule pays for locating the first offender in its
@@ -632,6 +633,7 @@ def validate(packed: PackedTensor, *, name: str | None = None, check_crc: bool =
         r, b = bad_scale.nonzero()[0].tolist()
         raise fail(f"scale at [{r}, {b}] is {packed.scale[r, b].item()}, must be finite and >= 0", "scale")
     _check_lo_codes(packed, fail)
+    _check_hi_values(packed, fail)
 
 
 def _invalid_code(payload: torch.Tensor, lo: LoFormat) -> torch.Tensor:
@@ -653,7 +655,7 @@ def _check_lo_codes(packed: PackedTensor, fail) -> None:
     if suspect_rows.numel() == 0:
         return
     data = packed.data.index_select(0, suspect_rows)
-    is_lo = _lo_byte_table(spec.k, data.device)[packed.mask.index_select(0, suspect_rows).long()]
+    is_lo = _byte_roles(spec.k, data.device)[0][packed.mask.index_select(0, suspect_rows).long()]
     lo_invalid = _invalid_code(data, spec.lo) & is_lo.view(data.shape)
     if bool(lo_invalid.any()):
         r, b = lo_invalid.nonzero()[0].tolist()
@@ -664,14 +666,49 @@ def _check_lo_codes(packed: PackedTensor, fail) -> None:
         )
 
 
+def _check_hi_values(packed: PackedTensor, fail) -> None:
+    """Every hi value is finite in its hi dtype. A hi value is two bytes in a row, low
+    byte first; its exponent is all ones (infinity or NaN) when the high byte has bits
+    ``0x7C`` set (float16), or ``0x7F`` set and the low byte's top bit (bfloat16). One
+    pass over the payload finds the bytes that look like such a high byte; only those are
+    looked up in the per-mask-byte table of hi high bytes (lo bytes may look the same)."""
+    spec = packed.spec
+    if spec.k == 0:
+        return
+    flat = packed.data.reshape(-1)
+    following = flat[1:]
+    if spec.hi is HiFormat.FLOAT16:
+        looks_non_finite = (following & 0x7C) == 0x7C
+    else:
+        looks_non_finite = ((following & 0x7F) == 0x7F) & ((flat[:-1] & 0x80) != 0)
+    high_at = looks_non_finite.nonzero().flatten() + 1
+    if high_at.numel() == 0:
+        return
+    group_bytes = GROUP + spec.k
+    row, column = high_at // packed.data.shape[1], high_at % packed.data.shape[1]
+    group, byte = column // group_bytes, column % group_bytes
+    is_high = _byte_roles(spec.k, flat.device)[1][packed.mask[row, group].long(), byte]
+    if bool(is_high.any()):
+        first = int(is_high.nonzero()[0, 0])
+        at = int(high_at[first])
+        bits = int(flat[at - 1]) | int(flat[at]) << 8
+        value = decode_hi(torch.tensor([bits]).to(torch.int16), spec.hi)
+        raise fail(
+            f"hi value 0x{bits:04x} in group {int(group[first])} of row {int(row[first])} is "
+            f"{float(value[0])} in {spec.hi.value}: hi values must be finite",
+            "hi-finite",
+        )
+
+
 @functools.lru_cache(maxsize=None)
-def _lo_byte_table(k: int, device: torch.device) -> torch.Tensor:
-    """bool ``[256, 8 + k]``: per mask byte, which payload bytes of a group are lo bytes."""
+def _byte_roles(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two bool ``[256, 8 + k]`` tables: per mask byte, which payload bytes of a group are
+    lo bytes, and which are the high byte of a hi value."""
     _, _, slots = _layout_tables(k, device)
     position, half = slots // 2, slots % 2
     masks = torch.arange(256, device=device).unsqueeze(1)
     is_hi = (masks >> position) & 1
-    return (half == 0) & (is_hi == 0)
+    return (half == 0) & (is_hi == 0), (half == 1) & (is_hi == 1)
 
 
 def deinterleave(packed: PackedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ rules; it never touches tensor values (``codec``) or files (``io``).
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
@@ -28,6 +29,9 @@ SUFFIXES = (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX)
 META_FORMAT = "format"
 META_VERSION = "umq.version"
 META_TENSORS = "umq.tensors"
+# Optional: name -> CRC-32 of the tensor's umq.tensors entry (docs/validation.md), so a
+# flipped dtype or swapped lo/hi in the header is caught like a flipped data byte.
+META_TENSORS_CRC = "umq.tensors.crc32"
 
 
 class LoFormat(str, Enum):
@@ -384,13 +388,27 @@ class TensorSpec:
         )
 
 
-def encode_metadata(specs: Mapping[str, TensorSpec], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The safetensors ``__metadata__`` of a packed file (FORMAT §1)."""
+def entry_crc32(entry: Any) -> int:
+    """CRC-32 of one ``umq.tensors`` entry in its canonical JSON (keys sorted, no spaces,
+    ASCII): the same for any spacing or key order a writer chose."""
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return zlib.crc32(canonical.encode("ascii"))
+
+
+def encode_metadata(
+    specs: Mapping[str, TensorSpec], extra: Mapping[str, str] | None = None, *, widest: bool = False
+) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a packed file (FORMAT §1), with the entries'
+    checksums (``umq.tensors.crc32``). ``widest``: every checksum at its largest value,
+    for a writer reserving header room before the real ones are known."""
     meta = dict(extra or {})
     meta[META_FORMAT] = "pt"
     meta[META_VERSION] = str(FORMAT_VERSION)
-    meta[META_TENSORS] = json.dumps(
-        {name: spec.to_json() for name, spec in specs.items()}, separators=(",", ":")
+    entries = {name: spec.to_json() for name, spec in specs.items()}
+    meta[META_TENSORS] = json.dumps(entries, separators=(",", ":"))
+    meta[META_TENSORS_CRC] = json.dumps(
+        {name: 2**32 - 1 if widest else entry_crc32(entry) for name, entry in entries.items()},
+        separators=(",", ":"),
     )
     return meta
 
@@ -412,7 +430,7 @@ def decode_metadata(metadata: Mapping[str, str] | None, *, file: str | None = No
         )
     try:
         entries = json.loads(metadata.get(META_TENSORS, "{}"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UMQError(f"umq.tensors is not valid JSON ({exc})", rule="spec", file=file) from None
     if not isinstance(entries, dict):
         raise UMQError("umq.tensors is not a JSON object", rule="spec", file=file)
@@ -422,4 +440,29 @@ def decode_metadata(metadata: Mapping[str, str] | None, *, file: str | None = No
             specs[name] = TensorSpec.from_json(entry, tensor=name)
         except UMQError as exc:
             raise exc.located(file=file)
+    # After the entries' own rules, which say more precisely what is wrong.
+    if META_TENSORS_CRC in metadata:
+        _check_entry_checksums(entries, metadata[META_TENSORS_CRC], file)
     return specs
+
+
+def _check_entry_checksums(entries: Mapping[str, Any], text: str, file: str | None) -> None:
+    """``umq.tensors.crc32``, when a writer stored it: an object giving every entry's
+    :func:`entry_crc32`, each matching (rule ``spec-crc32``)."""
+    try:
+        checksums = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        checksums = None
+    if not isinstance(checksums, dict) or set(checksums) != set(entries):
+        raise UMQError(
+            f"{META_TENSORS_CRC} must be a JSON object with one CRC-32 per umq.tensors entry",
+            rule="spec-crc32", file=file,
+        )
+    for name, entry in entries.items():
+        actual = entry_crc32(entry)
+        if type(checksums[name]) is not int or checksums[name] != actual:
+            raise UMQError(
+                f"umq.tensors entry has CRC-32 {actual}, {META_TENSORS_CRC} says {checksums[name]!r}: "
+                "the header is corrupted",
+                rule="spec-crc32", file=file, tensor=name,
+            )

@@ -148,11 +148,27 @@ def read_header(path: str | Path) -> Header:
 
     Refuses, with :class:`UMQError` naming the file and the rule: a missing file
     (``missing``), a file too short for its header (``truncated``), a header that is not
-    a JSON object of entries (``not-safetensors``), unknown dtypes (``header-dtype``), bad
-    shapes (``header-shape``), offsets outside the file or overlapping (``header-offsets``),
-    and a byte size that is not ``prod(shape) * itemsize`` (``header-size``).
+    a JSON object of entries, or whose ``__metadata__`` is not an object of strings
+    (``not-safetensors``), unknown dtypes (``header-dtype``), bad shapes
+    (``header-shape``), offsets outside the file or overlapping (``header-offsets``), and
+    a byte size that is not ``prod(shape) * itemsize`` (``header-size``).
     """
     path = Path(path)
+    header_len, file_size, raw = _read_header_bytes(path)
+    header = _parse_header_json(raw, path)
+    metadata = _header_metadata(header.pop("__metadata__", None), path)
+    data_start = 8 + header_len
+    entries = {
+        name: _header_entry(name, info, path, data_start, file_size - data_start)
+        for name, info in header.items()
+    }
+    _check_no_overlap(entries.values(), path)
+    return Header(file=path, entries=entries, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+def _read_header_bytes(path: Path) -> tuple[int, int, bytes]:
+    """(header length, file size, the header's raw bytes); the length field is checked
+    against a limit and the file size before anything of that size is read."""
     if not path.exists():
         raise UMQError("no such file", rule="missing", file=path)
     if path.is_dir():
@@ -177,70 +193,86 @@ def read_header(path: str | Path) -> Header:
                 f"header needs {8 + header_len} bytes but the file has {file_size}",
                 rule="truncated", file=path,
             )
-        raw = fh.read(header_len)
+        return header_len, file_size, fh.read(header_len)
+
+
+def _parse_header_json(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UMQError("header is not UTF-8 JSON: not a safetensors file", rule="not-safetensors", file=path) from None
     if not isinstance(header, dict):
         raise UMQError("header is not a JSON object: not a safetensors file", rule="not-safetensors", file=path)
-    data_start = 8 + header_len
-    data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    return header
+
+
+def _header_metadata(metadata: Any, path: Path) -> dict[str, str]:
+    """``__metadata__``: absent or null means none; anything else must be an object of
+    strings (``""``, ``[]``, ``0`` or ``false`` are not "no metadata": safetensors itself
+    refuses them, so a umq reader must too)."""
+    if metadata is None:
+        return {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise UMQError("__metadata__ must map strings to strings", rule="not-safetensors", file=path)
-    entries: dict[str, TensorEntry] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        def bad(message: str, rule: str) -> UMQError:
-            return UMQError(message, rule=rule, file=path, tensor=name)
+        raise UMQError(
+            f"__metadata__ must be an object mapping strings to strings, got {type(metadata).__name__}",
+            rule="not-safetensors", file=path,
+        )
+    return dict(metadata)
 
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise bad("entry lacks dtype / shape / data_offsets", "not-safetensors")
-        code = info["dtype"]
-        if code not in DTYPES:
-            raise bad(f"unknown dtype {code!r}", "header-dtype")
-        shape = info["shape"]
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise bad(f"shape {shape!r} is not a list of non-negative integers", "header-shape")
-        offsets = info["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise bad(f"data_offsets {offsets!r} are not two ordered non-negative integers", "header-offsets")
-        begin, end = offsets
-        if end > data_size:
-            raise bad(
-                f"data_offsets [{begin}, {end}] run past the end of the data ({data_size} bytes): "
-                "truncated or lying header",
-                "header-offsets",
-            )
-        numel = 1
-        for d in shape:
-            numel *= d
-        expected = numel * DTYPES[code][0]
-        if end - begin != expected:
-            raise bad(
-                f"data_offsets [{begin}, {end}] hold {end - begin} bytes but {code}{shape} needs {expected}",
-                "header-size",
-            )
-        entries[name] = TensorEntry(name, path, code, tuple(shape), data_start + begin, data_start + end)
-        spans.append((begin, end, name))
-    spans.sort()
+
+def _header_entry(name: str, info: Any, path: Path, data_start: int, data_size: int) -> TensorEntry:
+    """One header entry, validated: dtype, shape, offsets inside the data, size."""
+
+    def bad(message: str, rule: str) -> UMQError:
+        return UMQError(message, rule=rule, file=path, tensor=name)
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise bad("entry lacks dtype / shape / data_offsets", "not-safetensors")
+    code = info["dtype"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise bad(f"unknown dtype {code!r}", "header-dtype")
+    shape = info["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers", "header-shape")
+    offsets = info["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise bad(f"data_offsets {offsets!r} are not two ordered non-negative integers", "header-offsets")
+    begin, end = offsets
+    if end > data_size:
+        raise bad(
+            f"data_offsets [{begin}, {end}] run past the end of the data ({data_size} bytes): "
+            "truncated or lying header",
+            "header-offsets",
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * DTYPES[code][0]
+    if end - begin != expected:
+        raise bad(
+            f"data_offsets [{begin}, {end}] hold {end - begin} bytes but {code}{shape} needs {expected}",
+            "header-size",
+        )
+    return TensorEntry(name, path, code, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_no_overlap(entries: Iterable[TensorEntry], path: Path) -> None:
+    spans = sorted((e.start, e.end, e.name) for e in entries)
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise UMQError(
                 f"bytes [{b1}, {min(e0, e1)}] are claimed by both '{n0}' and '{n1}'",
                 rule="header-offsets", file=path, tensor=n1,
             )
-    return Header(file=path, entries=entries, metadata=dict(metadata), data_start=data_start, file_size=file_size)
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -295,6 +327,7 @@ class Checkpoint:
                     raise UMQError("quantized tensor listed in two files", rule="duplicate-tensor", file=f, tensor=name)
                 self.specs[name] = spec
                 self.spec_files[name] = f
+        self._check_stored_parts()
 
     # -- construction helpers
     def _resolve_dir(self) -> list[Path]:
@@ -310,6 +343,7 @@ class Checkpoint:
                                    file=index_path, tensor=tensor)
                 if shard not in files:
                     files.append(shard)
+            _check_unlisted_shards(self.path, files, index_path)
             return sorted(files)
         single = self.path / SINGLE_NAME
         if single.exists():
@@ -340,6 +374,32 @@ class Checkpoint:
             if name not in weight_map:
                 raise UMQError(f"stored in {entry.file.name} but missing from the index",
                                rule="index-mismatch", file=index_path, tensor=name)
+
+    def _check_stored_parts(self) -> None:
+        """Header-only FORMAT §2 rules, checked before any reader sizes anything from a
+        spec: each quantized tensor's three stored tensors have the dtype and shape its
+        spec implies (``stored-dtype`` / ``stored-shape``), and no ``NAME.umq_*`` tensor is
+        stored without a ``umq.tensors`` entry claiming it (``orphan``: it would otherwise
+        pass as a dense tensor of raw packed bytes)."""
+        claimed: set[str] = set()
+        for name, spec in self.specs.items():
+            expected = spec.stored_shapes()
+            for suffix, stored_code in ((DATA_SUFFIX, "U8"), (MASK_SUFFIX, "U8"), (SCALE_SUFFIX, "F32")):
+                entry = self._entries[name + suffix]
+                claimed.add(entry.name)
+                if entry.dtype != stored_code or entry.shape != expected[suffix]:
+                    raise UMQError(
+                        f"{suffix[1:]} is stored as {entry.dtype}{list(entry.shape)}, expected "
+                        f"{stored_code}{list(expected[suffix])} for shape {list(spec.shape)}, k={spec.k}, "
+                        f"block={spec.block}",
+                        rule="stored-shape" if entry.dtype == stored_code else "stored-dtype",
+                        file=self.spec_files[name], tensor=name,
+                    )
+        for name, entry in self._entries.items():
+            if name.endswith(SUFFIXES) and name not in claimed:
+                source = name.rsplit(".", 1)[0]
+                raise UMQError(f"'{name}' is stored but umq.tensors has no entry for it", rule="orphan",
+                               file=entry.file, tensor=source)
 
     # -- context management
     def __enter__(self) -> "Checkpoint":
@@ -485,7 +545,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def _load_index(index_path: Path) -> dict[str, Any]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UMQError(f"not valid JSON ({exc})", rule="index", file=index_path) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -494,6 +554,26 @@ def _load_index(index_path: Path) -> dict[str, Any]:
         raise UMQError("needs a \"weight_map\" object mapping tensor names to file names",
                        rule="index", file=index_path)
     return index
+
+
+def _check_unlisted_shards(root: Path, listed: Sequence[Path], index_path: Path) -> None:
+    """Refuse a ``.safetensors`` file beside the index that the index leaves out but that
+    holds packed tensors (``index-unlisted``): its quantized weights would be missing
+    from every reader's view of the model. Unlisted files without umq content (or that
+    are not safetensors at all) are not part of the model and stay ignored."""
+    for candidate in sorted(root.glob("*.safetensors")):
+        if candidate in listed or not candidate.is_file():
+            continue
+        try:
+            header = read_header(candidate)
+        except UMQError:
+            continue
+        packed_names = [name for name in header.entries if name.endswith(SUFFIXES)]
+        if META_TENSORS in header.metadata or packed_names:
+            raise UMQError(
+                f"{candidate.name} holds packed tensors but the index does not list it",
+                rule="index-unlisted", file=index_path, tensor=packed_names[0] if packed_names else None,
+            )
 
 
 def _safe_child(root: Path, rel: str, index_path: Path, tensor: str) -> Path:

@@ -99,6 +99,25 @@ class PackedWeight(nn.Module):
         self.spec = packed.spec
         self.umq_data, self.umq_mask, self.umq_scale = packed.data, packed.mask, packed.scale
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """``load_state_dict`` holds the incoming tensors to every FORMAT rule against this
+        weight's spec (dtypes, shapes, crc32, popcount, scales, lo codes, finite hi
+        values) before any buffer changes: a :class:`UMQError` naming the tensor, never
+        torch's size-mismatch ``RuntimeError`` or a layer holding bytes its spec does not
+        describe."""
+        name = prefix.removesuffix(".") or "weight"
+        keys = {suffix: prefix + suffix.removeprefix(".") for suffix in (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX)}
+        present = {suffix: state_dict[key] for suffix, key in keys.items() if key in state_dict}
+        if present and len(present) < len(keys) or not present and strict:
+            absent = [key for suffix, key in keys.items() if suffix not in present]
+            raise UMQError(f"state dict lacks {', '.join(absent)}", rule="stored-missing", tensor=name)
+        if present:
+            incoming = PackedTensor.from_stored(
+                self.spec, present[DATA_SUFFIX], present[MASK_SUFFIX], present[SCALE_SUFFIX]
+            )
+            incoming.validate(name=name, check_crc=True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _apply(self, fn, recurse: bool = True):
         # .half() / .to(dtype) cast every floating buffer; the stored scales must stay
         # float32 (FORMAT §2), so keep the original values and only follow the device.
@@ -403,17 +422,6 @@ def _read_quantization_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _checkpoint_specs(files: Iterable[str | os.PathLike]) -> dict[str, TensorSpec]:
-    """Quantized tensors (source name -> spec) listed in the headers of ``files``."""
-    from .io import open_checkpoint
-
-    specs: dict[str, TensorSpec] = {}
-    for file in files:
-        with open_checkpoint(file) as checkpoint:
-            specs.update(checkpoint.specs)
-    return specs
-
-
 def _module_for(model: nn.Module, weight_name: str) -> tuple[str, nn.Module | None]:
     """The module that owns checkpoint tensor ``weight_name`` (``<module>.weight``),
     trying the model's ``base_model_prefix`` both ways as transformers' loader does."""
@@ -470,8 +478,12 @@ def register_hf() -> None:
         requires_calibration = True  # umq never quantizes inside from_pretrained
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            # The packed tensors' specs live in the safetensors headers, not in config.json.
-            specs = _checkpoint_specs(checkpoint_files or [])
+            # The packed tensors' specs live in the safetensors headers, not in config.json;
+            # reading them holds the directory to every umq reader rule before transformers
+            # reads a tensor.
+            from .load_checks import packed_directory_specs
+
+            specs, spec_files = packed_directory_specs(checkpoint_files or [])
             if not specs:
                 # Loading on would leave every linear weight missing, i.e. randomly
                 # initialised, with only a log line from transformers.
@@ -481,12 +493,14 @@ def register_hf() -> None:
                     rule="not-packed",
                 )
             self.decode_on_load: dict[str, TensorSpec] = {}
+            self.layer_sources: dict[str, tuple[str, Path]] = {}
             for name, spec in specs.items():
                 module_name, module = _module_for(model, name)
                 if isinstance(module, nn.Linear) and tuple(module.weight.shape) == spec.shape:
                     with torch.device("meta"):
                         layer = UMQLinear(spec, bias=module.bias is not None, dtype=getattr(module.bias, "dtype", None))
                     _set_submodule(model, module_name, layer)
+                    self.layer_sources[module_name] = (name, spec_files[name])
                 else:
                     # Packed but not held by an nn.Linear (e.g. an embedding table): the
                     # loader leaves it missing; it is decoded into its dense parameter
@@ -496,9 +510,11 @@ def register_hf() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            for name, layer in umq_linears(model):
-                # Every FORMAT §7 reader rule, crc32 included: about one pass over the bytes.
-                layer.packed.validate(name=f"{name}.weight", check_crc=True)
+            from .load_checks import check_loaded_layers
+
+            # Every FORMAT §7 reader rule, crc32 included: about one pass over the bytes;
+            # a layer transformers left unfilled fails here, named.
+            check_loaded_layers(umq_linears(model), self.layer_sources)
             if self.decode_on_load:
                 _decode_into(model, self.checkpoint_files, self.decode_on_load)
             return model
@@ -534,6 +550,11 @@ def _decode_into(model: nn.Module, files: Iterable[str], specs: Mapping[str, Ten
                     continue
                 packed = checkpoint.packed(name)
                 param = model.get_parameter(target)
+                if tuple(param.shape) != tuple(specs[name].shape):
+                    raise UMQError(
+                        f"packed as {list(specs[name].shape)} but the model's '{target}' is {list(param.shape)}",
+                        rule="shape", file=file, tensor=name,
+                    )
                 with torch.no_grad():
                     param.copy_(_dequantize(packed, param.dtype))
 
@@ -542,6 +563,12 @@ def _dequantize(packed: PackedTensor, dtype: torch.dtype) -> torch.Tensor:
     from .backends import get_backend
 
     return get_backend("torch").decode(packed, dtype)
+
+
+def _safetensors_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 def load_hf(
@@ -562,8 +589,11 @@ def load_hf(
     and biases). Raises :class:`UMQError` (rule ``quantization-config``) for a directory
     without a ``"umq"`` ``quantization_config``. Returns the model in eval mode.
     """
+    from .load_checks import check_directory_before_loading
+
     path = Path(path)
     config = _read_quantization_config(path)
+    check_directory_before_loading(path)  # every umq reader rule, before transformers reads
     register_hf()
     import transformers
 
@@ -575,6 +605,12 @@ def load_hf(
         model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
     except UMQError as exc:
         raise exc.located(file=path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, _safetensors_error()) as exc:
+        # What transformers (or safetensors under it) raises about the files it read
+        # itself: the same one line as every umq error; the cause stays chained.
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise UMQError(f"transformers could not load it: {type(exc).__name__}: {first_line}",
+                       rule="transformers", file=path) from exc
     configure(model, backend=backend, cache_decoded=cache_decoded)
     return model.eval()
 

@@ -483,7 +483,7 @@ class _PackJob:
                 layout.append((item.name, item.entry.dtype, item.entry.shape))
         source_meta = self.checkpoint.headers[items[0].entry.file].metadata if items else {}
         extra = {k: v for k, v in source_meta.items() if not k.startswith("umq.")}
-        writer = SafetensorsWriter(path, layout, metadata_reserve=encode_metadata(placeholders, extra))
+        writer = SafetensorsWriter(path, layout, metadata_reserve=encode_metadata(placeholders, extra, widest=True))
         with writer:
             specs = self._fill(writer, items)
             writer.close(encode_metadata(specs, extra) if specs else extra)

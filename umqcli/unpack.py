@@ -233,21 +233,6 @@ def _unpack_file(
     return written
 
 
-def _check_stored(checkpoint: Checkpoint, name: str, spec: TensorSpec, file: Path) -> None:
-    """The three stored tensors' dtypes and shapes, from the header alone (FORMAT §2)."""
-    expected = spec.stored_shapes()
-    for suffix, want in ((DATA_SUFFIX, torch.uint8), (MASK_SUFFIX, torch.uint8), (SCALE_SUFFIX, torch.float32)):
-        stored_dtype, stored_shape = checkpoint.info(name + suffix)
-        if stored_dtype != want or tuple(stored_shape) != expected[suffix]:
-            raise UMQError(
-                f"{suffix[1:]} is {stored_dtype}{list(stored_shape)}, expected {want}{list(expected[suffix])} "
-                f"for shape {list(spec.shape)}, k={spec.k}, block={spec.block}",
-                rule="stored-shape",
-                file=file,
-                tensor=name,
-            )
-
-
 def _all_finite(values: torch.Tensor) -> bool:
     """``isfinite(values).all()`` in one reduction pass: min and max propagate NaN, and an
     infinity is the min or the max (several times faster than ``torch.isfinite``)."""
@@ -276,13 +261,13 @@ def _decoded_slabs(
     checkpoint: Checkpoint, name: str, spec: TensorSpec, dtype: torch.dtype, file: Path
 ) -> Iterator[memoryview]:
     """The decoded tensor's bytes (row-major), one slab of rows at a time, read straight
-    from the file: only one slab (packed and decoded) is in memory at once.
+    from the file: only one slab (packed and decoded) is in memory at once. The stored
+    shapes were checked against the spec when the checkpoint was opened.
 
     Each slab is checked against every per-element rule (popcount, scales, lo codes)
     before it is decoded; the crc32s are chained over the slabs and compared at the end,
     so a corrupted tensor fails the run (and the atomic output removes what was written).
     """
-    _check_stored(checkpoint, name, spec, file)
     rows_per_slab = max(1, SLAB_ELEMENTS // spec.columns)
     running = {"data": 0, "mask": 0, "scale": 0}
     for start in range(0, spec.rows, rows_per_slab):
