@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -222,3 +223,208 @@ def test_python_loaders_refuse(damaged) -> None:
         with pytest.raises(UMQError) as info:
             transformers.BertModel.from_pretrained(target)
         assert info.value.rule == rule
+
+
+def test_layer_the_loader_leaves_unfilled_is_an_error(packed_bert: Path, monkeypatch) -> None:
+    """transformers skipping one packed buffer (as a name it cannot map would) must not
+    give a layer of uninitialised bytes: not-loaded, naming the tensor and its file."""
+    import transformers.core_model_loading as loading
+
+    original = loading.set_param_for_module
+
+    def skip_one(model, target_name, *args, **kwargs):
+        if target_name == LAYER + ".umq_data":
+            return None
+        return original(model, target_name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "set_param_for_module", skip_one)
+    with pytest.raises(UMQError) as info:
+        load_hf(packed_bert)
+    assert info.value.rule == "not-loaded" and info.value.tensor == LAYER
+    assert info.value.file == str(_shard_of(packed_bert, LAYER + ".umq_data"))
+    assert "umq_data" in info.value.message
+
+
+def test_loaded_model_holds_the_files_bytes(packed_bert: Path) -> None:
+    """The undamaged checkpoint loads, every packed linear holding its file's bytes."""
+    from umqcli.io import open_checkpoint
+
+    model = load_hf(packed_bert)
+    layers = dict(umq_linears(model))
+    assert len(layers) == 2 * 6 + 1
+    with open_checkpoint(packed_bert) as checkpoint:
+        for name, layer in layers.items():
+            for suffix in ("umq_data", "umq_mask", "umq_scale"):
+                assert torch.equal(getattr(layer.weight, suffix), checkpoint.get(f"{name}.weight.{suffix}")), name
+
+
+@pytest.mark.parametrize(
+    "change, rule",
+    [
+        (lambda sd: sd.__setitem__("weight.umq_scale", sd["weight.umq_scale"].reshape(4, -1)), "stored-shape"),
+        (lambda sd: sd.__setitem__("weight.umq_mask", sd["weight.umq_mask"].to(torch.int8)), "stored-dtype"),
+        (lambda sd: sd.pop("weight.umq_mask"), "stored-missing"),
+        (lambda sd: sd["weight.umq_data"].__setitem__((0, 0), sd["weight.umq_data"][0, 0] ^ 1), "crc32"),
+    ],
+    ids=["reshaped-scale", "mask-dtype", "missing-mask", "flipped-byte"],
+)
+def test_load_state_dict_refuses_before_changing_anything(change, rule: str) -> None:
+    from umqcli.codec import quantize
+
+    weight = torch.randn(12, 64, generator=torch.Generator().manual_seed(5))
+    packed = quantize(weight, QuantParams(k=2, block=16))
+    layer = UMQLinear.from_packed(packed, torch.zeros(12))
+    state = {key: value.clone() for key, value in layer.state_dict().items()}
+    change(state)
+    fresh = UMQLinear(packed.spec)
+    for value in fresh.state_dict().values():
+        value.zero_()  # empty memory may hold NaN, which no comparison equals
+    before = {key: value.clone() for key, value in fresh.state_dict().items()}
+    with pytest.raises(UMQError) as info:
+        fresh.load_state_dict(state)
+    assert info.value.rule == rule and info.value.tensor == "weight"
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# --------------------------------------------------------------------------- randomised damage
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_packed(tmp_path_factory) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A packed file with a float32 tensor (hi float16), a bfloat16 one (hi bfloat16)
+    and a pass-through tensor; its bytes and its undamaged decode."""
+    from safetensors.torch import load_file, save_file
+
+    from umqcli.pack import pack
+    from umqcli.unpack import unpack
+
+    root = tmp_path_factory.mktemp("fuzz")
+    g = torch.Generator().manual_seed(3)
+    save_file({
+        "a.weight": torch.randn(16, 32, generator=g) * 3,
+        "b.weight": (torch.randn(8, 64, generator=g) * 0.1).to(torch.bfloat16),
+        "norm.bias": torch.randn(7, generator=g),
+    }, root / "source.safetensors", metadata={"format": "pt"})
+    pack(root / "source.safetensors", root / "packed.safetensors", params=QuantParams(k=2, block=16), with_error=False)
+    unpack(root / "packed.safetensors", root / "dense.safetensors")
+    return (root / "packed.safetensors").read_bytes(), load_file(root / "dense.safetensors")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.sampled_from(["", "float16", "bfloat16", "float32", "fp8_e4m3", "fp8_e5m2", "int8", "magnitude", "absmax"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["data", "mask", "scale", "x"]), inner, max_size=3),
+    max_leaves=6,
+)
+SPEC_KEYS = ["shape", "dtype", "k", "lo", "hi", "block", "selection", "scale_rule", "crc32"]
+
+
+def _split(raw: bytes) -> tuple[int, dict[str, Any]]:
+    (length,) = struct.unpack("<Q", raw[:8])
+    return length, json.loads(raw[8 : 8 + length])
+
+
+def _with_header(raw: bytes, header: dict[str, Any]) -> bytes:
+    length, _ = _split(raw)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+@st.composite
+def damaged_files(draw, raw: bytes) -> bytes:
+    """One of many kinds of damage to a packed file's bytes."""
+    length, header = _split(raw)
+    kind = draw(st.sampled_from(
+        ["flip", "overwrite", "truncate", "spec-value", "spec-swap", "checksums", "metadata", "entry", "unrelated"]))
+    if kind in ("flip", "overwrite"):
+        # Anywhere in the header, or in the packed tensors' data (pass-through bytes carry
+        # no checksum in FORMAT v1: their damage is not a umq reader's to see).
+        packed_spans = [(8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
+                        for name, info in header.items() if ".umq_" in name]
+        start, end = draw(st.sampled_from([(0, 8 + length)] + packed_spans))
+        at = draw(st.integers(start, end - 1))
+        out = bytearray(raw)
+        out[at] = out[at] ^ (1 << draw(st.integers(0, 7))) if kind == "flip" else draw(st.integers(0, 255))
+        return bytes(out)
+    if kind == "truncate":
+        return raw[: draw(st.integers(0, len(raw) - 1))]
+    metadata = header["__metadata__"]
+    if kind == "unrelated":  # header changes that leave every packed value as it was
+        metadata[draw(st.sampled_from(["format", "note"]))] = draw(st.text(max_size=8))
+        header["norm.renamed"] = header.pop("norm.bias")
+        return _with_header(raw, header)
+    specs = json.loads(metadata[META_TENSORS])
+    name = draw(st.sampled_from(sorted(specs)))
+    if kind == "spec-value":
+        specs[name][draw(st.sampled_from(SPEC_KEYS))] = draw(JSON_VALUES)
+    elif kind == "spec-swap":  # two keys' values exchanged, e.g. lo and hi, or k and block
+        first, second = draw(st.lists(st.sampled_from(SPEC_KEYS), min_size=2, max_size=2, unique=True))
+        specs[name][first], specs[name][second] = specs[name][second], specs[name][first]
+    elif kind == "checksums":
+        metadata[META_TENSORS_CRC] = json.dumps(draw(JSON_VALUES))
+    elif kind == "metadata":
+        header["__metadata__"] = draw(JSON_VALUES)
+        return _with_header(raw, header)
+    else:  # a stored entry's dtype, shape or offsets
+        entry = header[draw(st.sampled_from(sorted(k for k in header if ".umq_" in k)))]
+        entry[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = draw(JSON_VALUES)
+    metadata[META_TENSORS] = json.dumps(specs)
+    return _with_header(raw, header)
+
+
+def _readers(path: Path, out: Path) -> dict[str, Any]:
+    """Run every reader on ``path``: each gives its result or the UMQError it raised
+    (any other exception propagates and fails the test)."""
+    from umqcli.inspect import check_checkpoint
+    from umqcli.unpack import unpack
+    from umqcli.verify import verify
+
+    results: dict[str, Any] = {}
+    for name, read in (
+        ("check", lambda: check_checkpoint(path)),
+        ("unpack", lambda: unpack(path, out)),
+        ("verify", lambda: verify(path, rows=4, backend="torch")),
+    ):
+        try:
+            results[name] = read()
+        except UMQError as exc:
+            results[name] = exc
+    return results
+
+
+def test_randomly_damaged_files_are_refused_or_read_exactly(small_packed, tmp_path: Path) -> None:
+    """Every reader either raises UMQError or returns exactly the undamaged values; the
+    readers agree; a refused unpack leaves nothing behind."""
+    from safetensors.torch import load_file
+
+    raw, expected = small_packed
+    seen: dict[str, int] = {"refused": 0, "read": 0}
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data) -> None:
+        work = Path(tempfile.mkdtemp(dir=tmp_path))
+        path, out = work / "packed.safetensors", work / "dense.safetensors"
+        path.write_bytes(data.draw(damaged_files(raw)))
+        results = _readers(path, out)
+        refused = {name for name, result in results.items() if isinstance(result, UMQError)}
+        assert refused in (set(), set(results)), {n: str(r) for n, r in results.items()}
+        if refused:
+            seen["refused"] += 1
+            assert sorted(p.name for p in work.iterdir()) == ["packed.safetensors"]  # no output, no temp
+        else:
+            seen["read"] += 1
+            dense = load_file(out)
+            for name in ("a.weight", "b.weight"):
+                assert dense[name].dtype == expected[name].dtype and torch.equal(dense[name], expected[name]), name
+        shutil.rmtree(work)
+
+    check()
+    # The damage is real: most cases are refused; some (metadata beside umq's, a renamed
+    # pass-through tensor) leave the packed values intact and must read exactly.
+    assert seen["refused"] > 60 and seen["read"] > 0, seen

@@ -349,7 +349,7 @@ class TensorSpec:
         rows, cols = shape
         if cols % GROUP:
             raise fail(f"column count {cols} is not a multiple of 8", "shape")
-        if obj["dtype"] not in SOURCE_DTYPES:
+        if not isinstance(obj["dtype"], str) or obj["dtype"] not in SOURCE_DTYPES:
             raise fail(f"unknown dtype {obj['dtype']!r}", "dtype")
         k = obj["k"]
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= GROUP:

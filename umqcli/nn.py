@@ -99,12 +99,12 @@ class PackedWeight(nn.Module):
         self.spec = packed.spec
         self.umq_data, self.umq_mask, self.umq_scale = packed.data, packed.mask, packed.scale
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        """``load_state_dict`` holds the incoming tensors to every FORMAT rule against this
-        weight's spec (dtypes, shapes, crc32, popcount, scales, lo codes, finite hi
-        values) before any buffer changes: a :class:`UMQError` naming the tensor, never
-        torch's size-mismatch ``RuntimeError`` or a layer holding bytes its spec does not
-        describe."""
+    def check_state(self, state_dict: Mapping[str, torch.Tensor], prefix: str, *, strict: bool = True) -> None:
+        """Hold the buffers that ``state_dict`` would load (keys ``prefix + "umq_data"``
+        ...) to every FORMAT rule against this weight's spec (dtypes, shapes, crc32,
+        popcount, scales, lo codes, finite hi values): a :class:`UMQError` naming the
+        tensor, never torch's size-mismatch ``RuntimeError`` or bytes the spec does not
+        describe. Absent keys are an error with ``strict``, or when only some are given."""
         name = prefix.removesuffix(".") or "weight"
         keys = {suffix: prefix + suffix.removeprefix(".") for suffix in (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX)}
         present = {suffix: state_dict[key] for suffix, key in keys.items() if key in state_dict}
@@ -112,11 +112,9 @@ class PackedWeight(nn.Module):
             absent = [key for suffix, key in keys.items() if suffix not in present]
             raise UMQError(f"state dict lacks {', '.join(absent)}", rule="stored-missing", tensor=name)
         if present:
-            incoming = PackedTensor.from_stored(
+            PackedTensor.from_stored(
                 self.spec, present[DATA_SUFFIX], present[MASK_SUFFIX], present[SCALE_SUFFIX]
-            )
-            incoming.validate(name=name, check_crc=True)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            ).validate(name=name, check_crc=True)
 
     def _apply(self, fn, recurse: bool = True):
         # .half() / .to(dtype) cast every floating buffer; the stored scales must stay
@@ -239,6 +237,11 @@ class UMQLinear(nn.Module):
             cache_decoded=cache_decoded,
         )
         return layer.to(weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The packed weight is checked before anything of this layer (its bias too) changes.
+        self.weight.check_state(state_dict, prefix + "weight.", strict=strict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ---- views
 
