@@ -12,6 +12,7 @@ from umqcli.format import (
     DATA_SUFFIX,
     FORMAT_VERSION,
     MASK_SUFFIX,
+    META_TENSORS_CRC,
     SCALE_SUFFIX,
     HiFormat,
     LoFormat,
@@ -22,6 +23,7 @@ from umqcli.format import (
     decode_metadata,
     dtype_name,
     encode_metadata,
+    entry_crc32,
 )
 
 
@@ -180,3 +182,32 @@ def test_dtype_name() -> None:
     with pytest.raises(UMQError) as info:
         dtype_name(torch.float64)
     assert info.value.rule == "source-dtype"
+
+
+def test_entry_checksums_catch_a_changed_entry() -> None:
+    """umq.tensors.crc32 holds each entry's CRC-32 over its canonical JSON: spacing and
+    key order do not matter, a flipped dtype or swapped lo/hi does (rule spec-crc32,
+    naming the tensor); a file without the key reads as before; a malformed key is refused."""
+    specs = {"a.weight": _spec(), "b.weight": _spec(k=0, lo="int8", hi="bfloat16", dtype="bfloat16")}
+    meta = encode_metadata(specs)
+    checksums = json.loads(meta[META_TENSORS_CRC])
+    assert checksums == {name: entry_crc32(spec.to_json()) for name, spec in specs.items()}
+    assert checksums["a.weight"] != checksums["b.weight"]
+    # Same entries, other spacing and key order: still valid.
+    entries = json.loads(meta["umq.tensors"])
+    respaced = dict(meta, **{"umq.tensors": json.dumps({n: dict(reversed(e.items())) for n, e in entries.items()}, indent=1)})
+    assert decode_metadata(respaced) == specs
+    assert decode_metadata({k: v for k, v in meta.items() if k != META_TENSORS_CRC}) == specs
+    for change in ({"dtype": "bfloat16"}, {"lo": "fp8_e4m3", "hi": "bfloat16"}, {"k": 2}):
+        edited = json.loads(meta["umq.tensors"])
+        edited["a.weight"].update(change)
+        with pytest.raises(UMQError) as info:
+            decode_metadata(dict(meta, **{"umq.tensors": json.dumps(edited)}), file="m.safetensors")
+        assert (info.value.rule, info.value.tensor, info.value.file) == ("spec-crc32", "a.weight", "m.safetensors")
+    for bad in ("[]", "{not json", json.dumps({"a.weight": checksums["a.weight"]}),
+                json.dumps({**checksums, "a.weight": str(checksums["a.weight"])})):
+        with pytest.raises(UMQError) as info:
+            decode_metadata(dict(meta, **{META_TENSORS_CRC: bad}))
+        assert info.value.rule == "spec-crc32"
+    # The writer's reserve: every checksum at its widest.
+    assert set(json.loads(encode_metadata(specs, widest=True)[META_TENSORS_CRC]).values()) == {2**32 - 1}
