@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoints import make_sharded_checkpoint, tree_digest
+from checkpoints import make_sharded_checkpoint, rewrite_header, tree_digest
 from umqcli.codec import quantize
 from umqcli.errors import UMQError
 from umqcli.format import QuantParams
@@ -44,17 +44,6 @@ def plain_file(tmp_path: Path) -> Path:
     path = tmp_path / "plain.safetensors"
     save_file(_tensors(), str(path), metadata={"format": "pt", "note": "x"})
     return path
-
-
-def _rewrite_header(path: Path, mutate) -> None:
-    """Rewrite a file's header JSON through ``mutate(header_dict)`` (data unchanged)."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    mutate(header)
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
 def _rule(excinfo) -> str:
@@ -125,7 +114,7 @@ def test_lying_headers_are_refused(plain_file: Path) -> None:
                          (bad_dtype, "header-dtype"), (bad_shape, "header-shape")):
         path = plain_file.with_name(f"{mutate.__name__}.safetensors")
         path.write_bytes(plain_file.read_bytes())
-        _rewrite_header(path, mutate)
+        rewrite_header(path, mutate)
         with pytest.raises(UMQError) as excinfo:
             read_header(path)
         assert _rule(excinfo) == rule, mutate.__name__

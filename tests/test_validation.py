@@ -21,6 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from checkpoints import rewrite_header
 from umqcli.cli import app
 from umqcli.codec import byte_offsets, crc32, unpack_mask
 from umqcli.errors import UMQError
@@ -59,17 +60,6 @@ def packed_bert(tmp_path_factory) -> Path:
 def _shard_of(directory: Path, tensor: str) -> Path:
     index = json.loads((directory / INDEX_NAME).read_text())
     return directory / index["weight_map"][tensor]
-
-
-def rewrite_header(file: Path, mutate: Callable[[dict[str, Any]], None]) -> None:
-    """Rewrite a safetensors header (data offsets are relative, so the data stays put)."""
-    raw = file.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
-    mutate(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
 
 
 def mutate_spec(file: Path, name: str, change: Callable[[dict[str, Any]], None], *, keep_checksum: bool = False) -> None:
