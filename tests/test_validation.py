@@ -277,6 +277,38 @@ def test_load_state_dict_refuses_before_changing_anything(change, rule: str) -> 
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("hi", ["float16", "bfloat16"])
+def test_hi_finite_rule_matches_isfinite_on_every_16_bit_pattern(hi: str) -> None:
+    """k = 8 (every element hi): all 65536 patterns minus the non-finite ones pass; each
+    non-finite pattern alone, at any position of a group, fails hi-finite."""
+    from umqcli.codec import PackedTensor
+    from umqcli.format import HiFormat, LoFormat, TensorSpec
+
+    dtype = HiFormat(hi).torch_dtype
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    finite = torch.isfinite(patterns.view(dtype).float())
+
+    def packed(bits: torch.Tensor) -> PackedTensor:
+        rows = bits.numel() // 8
+        spec = TensorSpec(shape=(rows, 8), dtype="float32", k=8, lo=LoFormat.INT8, hi=HiFormat(hi), block=8,
+                          selection="magnitude")
+        data = bits.contiguous().view(torch.uint8).view(rows, 16)
+        return PackedTensor.from_stored(spec, data, torch.full((rows, 1), 0xFF, dtype=torch.uint8),
+                                        torch.ones(rows, 1))
+
+    good = patterns[finite]
+    assert good.numel() % 8 == 0
+    packed(good).validate(check_crc=False)
+    bad = patterns[~finite]
+    assert bad.numel() == (2048 if hi == "float16" else 256)
+    for position, value in enumerate(bad.tolist()):
+        group = torch.zeros(8, dtype=torch.int16)
+        group[position % 8] = value
+        with pytest.raises(UMQError) as info:
+            packed(group).validate(check_crc=False)
+        assert info.value.rule == "hi-finite"
+
+
 # --------------------------------------------------------------------------- randomised damage
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

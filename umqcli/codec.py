@@ -676,11 +676,11 @@ def _check_hi_values(packed: PackedTensor, fail) -> None:
     if spec.k == 0:
         return
     flat = packed.data.reshape(-1)
-    following = flat[1:]
+    # uint8 0/1 computed in place: one temporary, about half the time of bool masks.
     if spec.hi is HiFormat.FLOAT16:
-        looks_non_finite = (following & 0x7C) == 0x7C
+        looks_non_finite = flat[1:].bitwise_and(0x7C).eq_(0x7C)
     else:
-        looks_non_finite = ((following & 0x7F) == 0x7F) & ((flat[:-1] & 0x80) != 0)
+        looks_non_finite = flat[1:].bitwise_and(0x7F).eq_(0x7F).mul_(flat[:-1] >> 7)
     high_at = looks_non_finite.nonzero().flatten() + 1
     if high_at.numel() == 0:
         return
