@@ -85,12 +85,12 @@ def set_hi_value(directory: Path, name: str, bits: int) -> None:
     data_entry, mask_entry = header.entries[name + ".umq_data"], header.entries[name + ".umq_mask"]
     raw = bytearray(file.read_bytes())
     rows, groups = mask_entry.shape
-    mask = torch.frombuffer(bytes(raw[mask_entry.start : mask_entry.end]), dtype=torch.uint8).view(rows, groups)
+    mask = torch.frombuffer(bytearray(raw[mask_entry.start : mask_entry.end]), dtype=torch.uint8).view(rows, groups)
     bits_mask = unpack_mask(mask)
     column = int(bits_mask[0].nonzero()[0])
     offset = int(byte_offsets(bits_mask, spec["k"])[0, column])
     raw[data_entry.start + offset : data_entry.start + offset + 2] = bits.to_bytes(2, "little")
-    data = torch.frombuffer(bytes(raw[data_entry.start : data_entry.end]), dtype=torch.uint8)
+    data = torch.frombuffer(bytearray(raw[data_entry.start : data_entry.end]), dtype=torch.uint8)
     file.write_bytes(bytes(raw))
     mutate_spec(file, name, lambda entry: entry["crc32"].__setitem__("data", crc32(data)))
 
