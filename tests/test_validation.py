@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -398,6 +399,9 @@ def damaged_files(draw, raw: bytes) -> bytes:
     return _with_header(raw, header)
 
 
+HANG_SECONDS = 60  # each reader takes milliseconds on these 2 kB files, even on a loaded machine
+
+
 def _readers(path: Path, out: Path) -> dict[str, Any]:
     """Run every reader on ``path``: each gives its result or the UMQError it raised
     (any other exception propagates and fails the test)."""
@@ -405,16 +409,26 @@ def _readers(path: Path, out: Path) -> dict[str, Any]:
     from umqcli.unpack import unpack
     from umqcli.verify import verify
 
+    def hang(signum, frame):
+        raise TimeoutError(f"a reader ran for {HANG_SECONDS} s on a {path.stat().st_size}-byte file")
+
     results: dict[str, Any] = {}
-    for name, read in (
-        ("check", lambda: check_checkpoint(path)),
-        ("unpack", lambda: unpack(path, out)),
-        ("verify", lambda: verify(path, rows=4, backend="torch")),
-    ):
-        try:
-            results[name] = read()
-        except UMQError as exc:
-            results[name] = exc
+    previous = signal.signal(signal.SIGALRM, hang)
+    try:
+        for name, read in (
+            ("check", lambda: check_checkpoint(path)),
+            ("unpack", lambda: unpack(path, out)),
+            ("verify", lambda: verify(path, rows=4, backend="torch")),
+        ):
+            signal.alarm(HANG_SECONDS)  # a hang fails the test (TimeoutError is not a UMQError)
+            try:
+                results[name] = read()
+            except UMQError as exc:
+                results[name] = exc
+            finally:
+                signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
     return results
 
 
