@@ -439,7 +439,7 @@ def minilm(tmp_path_factory):
     res = runner.invoke(app, ["calibrate", str(model), "--data", str(calib), "--samples", "24", "--seq-len", "128",
                               "--stats-out", str(stats), "-o", str(root / "unused.json"), "--budget-bits", "10.5",
                               "--candidates", "k=0-3,lo=fp8_e4m3,block=row,selection=magnitude",
-                              "--max-rows", "64", "--json"])
+                              "--max-rows", "64", "--hessian", "--json"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["calibrate", str(model), "--data", str(held), "--samples", "24", "--seq-len", "128",
                               "--stats-out", str(held_stats), "-o", str(root / "unused2.json"), "--budget-bits",
@@ -467,6 +467,40 @@ def test_minilm_stats_cover_every_linear_layer(minilm):
     assert stats["encoder.layer.0.output.dense.weight"].channels == 1536
     assert sum(s.outlier_channels for s in stats.values()) > 0
     assert all(bool(torch.isfinite(s.act_sq).all()) and float(s.act_sq.min()) >= 0 for s in stats.values())
+
+
+def test_minilm_hessians_one_per_distinct_input_and_gptq_pack(minilm, tmp_path):
+    """calibrate --hessian: q/k/v share one H, as do the other layers reading one input
+    (25 distinct of 37 weights); diag(H) = E[x^2]. Then `umq pack --method gptq --stats`
+    writes FORMAT v1 whose held-out output error is below round to nearest's."""
+    from umqcli.io import open_checkpoint
+
+    stats = load_stats(minilm["stats"])
+    q, k, v = (stats[f"encoder.layer.0.attention.self.{n}.weight"] for n in ("query", "key", "value"))
+    assert q.hessian is not None and q.hessian is k.hessian is v.hessian
+    assert len({id(s.hessian) for s in stats.values()}) == 25
+    for item in stats.values():
+        assert torch.allclose(item.hessian.diagonal(), item.act_sq, rtol=1e-3, atol=1e-6)
+        assert torch.equal(item.hessian, item.hessian.T) or torch.allclose(item.hessian, item.hessian.T, atol=1e-5)
+    held = load_stats(minilm["held_stats"])
+    errors = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"{method}.safetensors"
+        res = runner.invoke(app, ["pack", str(minilm["model"] / "model.safetensors"), "-o", str(out), "--k", "1",
+                                  "--lo", "int8", "--select", "activation", "--method", method,
+                                  "--stats", str(minilm["stats"]), "--json"])
+        assert res.exit_code == 0, res.output
+        with open_checkpoint(out) as packed, open_checkpoint(minilm["model"]) as source:
+            total = 0.0
+            for name in sorted(packed.specs):
+                assert packed.specs[name].selection == ("activation+gptq" if method == "gptq" else "activation")
+                decoded = dequantize(packed.packed(name))  # checks every FORMAT §7 rule
+                total += output_error(source.get(name), decoded, held[name].sample)
+            errors[method] = total / len(packed.specs)
+    assert errors["gptq"] < 0.85 * errors["rtn"], errors
+    res = runner.invoke(app, ["pack", str(minilm["model"] / "model.safetensors"), "-o", str(tmp_path / "x"),
+                              "--method", "gptq", "--stats", str(minilm["held_stats"])])
+    assert res.exit_code == 2 and "hessian" in res.output and not (tmp_path / "x").exists()
 
 
 def test_minilm_statistics_are_deterministic_and_memory_is_bounded(minilm):

@@ -230,3 +230,65 @@ def test_params_method_round_trip_and_refusals() -> None:
     with pytest.raises(UMQError) as info:
         codec.quantize(torch.randn(4, 16), QuantParams(method="gptq"))
     assert info.value.rule == "method"
+
+
+def test_hessians_accumulate_share_and_round_trip(tmp_path) -> None:
+    """The accumulator's H is X^T X / N over every row fed (streamed in batches), shared
+    by the weights that name its key; save/load keeps one tensor per distinct H and the
+    sharing; a version 1 file (no Hessians) still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from umqcli.stats import ActivationAccumulator, load_stats, read_stats_metadata, save_stats
+
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 7, 16, generator=gen) for _ in range(3)]
+    acc = ActivationAccumulator(sample_rows=4)
+    for x in batches:
+        for name in ("q.weight", "k.weight"):  # both read x; q's key holds the Hessian
+            acc.update(name, x, hessian_key="q.weight")
+        acc.update("o.weight", x[..., :8])  # no Hessian asked for
+    stats = acc.result()
+    rows = torch.cat([x.reshape(-1, 16) for x in batches]).double()
+    assert torch.allclose(stats["q.weight"].hessian.double(), rows.T @ rows / rows.shape[0], atol=1e-5)
+    assert stats["k.weight"].hessian is stats["q.weight"].hessian and stats["o.weight"].hessian is None
+    path = tmp_path / "s.safetensors"
+    save_stats(path, stats)
+    with safe_open(str(path), framework="pt") as handle:
+        assert sorted(k for k in handle.keys() if k.endswith(".hessian")) == ["q.weight.hessian"]
+    assert read_stats_metadata(path)["umq.stats"] == "2"
+    loaded = load_stats(path)
+    assert torch.equal(loaded["k.weight"].hessian, stats["q.weight"].hessian)
+    assert loaded["k.weight"].hessian is loaded["q.weight"].hessian and loaded["o.weight"].hessian is None
+    old = tmp_path / "v1.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.endswith(".hessian")}
+    save_file(tensors, str(old), metadata={"umq.stats": "1", "rows": '{"q.weight":42}'})
+    v1 = load_stats(old)
+    assert v1["q.weight"].hessian is None and v1["q.weight"].rows == 42
+    assert torch.equal(v1["q.weight"].act_sq, stats["q.weight"].act_sq)
+
+
+def test_pack_gptq_slab_by_slab_equals_the_whole_tensor(tmp_path) -> None:
+    """pack() with the gptq method over small slabs gives the bytes of one whole-tensor
+    quantize_gptq (rows are independent); a tensor without its Hessian is refused."""
+    from safetensors.torch import save_file
+
+    from umqcli.io import open_checkpoint
+    from umqcli.pack import pack
+
+    weight, hessian = _layer(rows=40, cols=256, seed=6)
+    src = tmp_path / "m.safetensors"
+    save_file({"layer.weight": weight}, str(src))
+    params = QuantParams(k=1, lo="int8", block=32, selection="saliency", method="gptq", scale_rule="clip-hessian")
+    summary = pack(src, tmp_path / "o.safetensors", params=params, act_sq={"layer.weight": hessian.diagonal()},
+                   hessians={"layer.weight": hessian}, slab_elements=256 * 7, workers=2)
+    whole = gptq.quantize_gptq(weight, params, hessian, act_sq=hessian.diagonal())
+    with open_checkpoint(tmp_path / "o.safetensors") as ckpt:
+        again = ckpt.packed("layer.weight")
+        assert again.spec == whole.spec
+        assert torch.equal(again.data, whole.data) and torch.equal(again.scale, whole.scale)
+    assert summary.packed[0].spec.selection == "saliency+gptq"
+    with pytest.raises(UMQError) as info:
+        pack(src, tmp_path / "p.safetensors", params=params, act_sq={"layer.weight": hessian.diagonal()})
+    assert info.value.rule == "hessian" and not (tmp_path / "p.safetensors").exists()

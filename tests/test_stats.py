@@ -140,7 +140,7 @@ def test_save_load_round_trip(tmp_path: Path):
             assert torch.equal(getattr(loaded[name], field), getattr(item, field))
         assert loaded[name].rows == item.rows
     meta = read_stats_metadata(path)
-    assert meta["umq.stats"] == "1" and meta["tokens"] == "72" and meta["seed"] == "1"
+    assert meta["umq.stats"] == "2" and meta["tokens"] == "72" and meta["seed"] == "1"
     assert json.loads(meta["rows"]) == {name: item.rows for name, item in stats.items()}
     raw = load_file(str(path))
     assert raw["pooler.dense.weight.act_sq"].dtype == torch.float32

@@ -41,7 +41,9 @@ import torch
 from . import _fused
 from .codec import PackedTensor, dequantize, quantize
 from .errors import UMQError
-from .format import DATA_SUFFIX, FORMAT_VERSION, MASK_SUFFIX, SCALE_SUFFIX, HiFormat, QuantParams, Selection, TensorSpec, encode_metadata
+from .format import (DATA_SUFFIX, FORMAT_VERSION, MASK_SUFFIX, SCALE_SUFFIX, HiFormat, Method, QuantParams, ScaleRule,
+                     Selection, TensorSpec, encode_metadata)
+from .gptq import PreparedHessian, prepare_hessian, quantize_gptq
 from .io import (
     INDEX_NAME,
     CONFIG_NAME,
@@ -285,6 +287,7 @@ class _TensorState:
     slabs: list[tuple[int, int]]
     hi: HiFormat | None  # forced hi (None = auto, resolved by the first slab)
     act_sq: torch.Tensor | None
+    hessian: "PreparedHessian | None" = None  # the gptq method's, shared by every slab
     crc: dict[str, int] = field(default_factory=lambda: {"data": 0, "mask": 0, "scale": 0})
     err_sq: float = 0.0
     norm_sq: float = 0.0
@@ -326,8 +329,11 @@ def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int,
     name = state.plan.name
     weight = checkpoint.get(name, rows=rows)
     params = state.plan.params if hi is None else state.plan.params.with_(hi=hi)
-    with _codec_guard():
-        packed = quantize(weight, params, act_sq=state.act_sq, name=name)
+    if params.method is Method.RTN and params.scale_rule is ScaleRule.ABSMAX:
+        with _codec_guard():
+            packed = quantize(weight, params, act_sq=state.act_sq, name=name)
+    else:  # torch only: rows are independent, so slab by slab equals the whole tensor
+        packed = quantize_gptq(weight, params, state.hessian, act_sq=state.act_sq, name=name)
     if not with_error:
         return packed, 0.0, 0.0, 0
     return (packed, *_slab_error(weight, packed))
@@ -370,6 +376,7 @@ def pack(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     act_sq: Mapping[str, torch.Tensor] | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
     force: bool = False,
     progress: ProgressCallback | None = None,
     with_error: bool = True,
@@ -383,6 +390,9 @@ def pack(
       (see :mod:`umqcli.plan`).
     - ``act_sq``: tensor name -> float32 ``[C]`` E[x^2] per input channel, needed by the
       ``activation`` selection (``umq calibrate`` writes them).
+    - ``hessians``: tensor name -> float32 ``[C, C]`` input Hessian ``E[x x^T]``, needed by
+      the ``gptq`` method (``umq calibrate`` collects them on request); tensors reading
+      the same input may map to the same tensor, which is then factored once.
     - ``with_error``: measure each tensor's relative weight error (decodes every slab).
     - ``slab_elements``: rows per slab are ``slab_elements // C`` (memory vs. overhead).
     - ``workers``: background threads reading + quantizing slabs ahead of the writer (0 =
@@ -411,7 +421,15 @@ def pack(
                     raise UMQError(
                         f"activation statistics have shape {tuple(channels.shape)}, expected ({item.shape[1]},)",
                         rule="activation-stats", tensor=item.name)
-        job = _PackJob(checkpoint, plan, stats, progress, with_error, slab_elements, workers)
+            if item.params.needs_hessian:
+                hessian = (hessians or {}).get(item.name)
+                if hessian is None:
+                    raise UMQError("method 'gptq' needs the input Hessian in the statistics (umq calibrate)",
+                                   rule="hessian", tensor=item.name)
+                if tuple(hessian.shape) != (item.shape[1], item.shape[1]):
+                    raise UMQError(f"the Hessian has shape {tuple(hessian.shape)}, expected "
+                                   f"({item.shape[1]}, {item.shape[1]})", rule="hessian", tensor=item.name)
+        job = _PackJob(checkpoint, plan, stats, progress, with_error, slab_elements, workers, hessians or {})
         with atomic_output(out, directory=checkpoint.is_dir, force=force) as tmp:
             if checkpoint.is_dir:
                 results, files = job.run_dir(tmp)
@@ -431,8 +449,11 @@ class _PackJob:
     """One pack run: owns the worker pool, the progress counters and the results."""
 
     def __init__(self, checkpoint: Checkpoint, plan: Plan, act_sq: Mapping[str, torch.Tensor],
-                 progress: ProgressCallback | None, with_error: bool, slab_elements: int, workers: int) -> None:
+                 progress: ProgressCallback | None, with_error: bool, slab_elements: int, workers: int,
+                 hessians: Mapping[str, torch.Tensor]) -> None:
         self.checkpoint = checkpoint
+        self.hessians = hessians
+        self._prepared: dict[int, PreparedHessian] = {}  # by id of the Hessian tensor
         self.plan = plan
         self.act_sq = act_sq
         self.progress = progress
@@ -444,6 +465,18 @@ class _PackJob:
         self.tensors_total = len(plan.tensors)
         self.bytes_total = plan.bytes_in
         self.results: dict[str, TensorResult] = {}
+
+    def _prepared_hessian(self, item: TensorPlan) -> PreparedHessian | None:
+        """The factored Hessian of a gptq tensor (once per distinct Hessian), else None."""
+        hessian = self.hessians.get(item.name)
+        if not item.params.needs_hessian or hessian is None:
+            return None
+        if id(hessian) not in self._prepared:
+            try:
+                self._prepared[id(hessian)] = prepare_hessian(hessian)
+            except UMQError as exc:
+                raise exc.located(tensor=item.name)
+        return self._prepared[id(hessian)]
 
     def _report(self, current: str) -> None:
         if self.progress is not None:
@@ -497,7 +530,7 @@ class _PackJob:
             if item.quantize:
                 rows, cols = item.shape
                 state = _TensorState(item, _slabs(rows, cols, self.slab_elements), item.params.hi,
-                                     self.act_sq.get(item.name))
+                                     self.act_sq.get(item.name), self._prepared_hessian(item))
                 states[item.name] = state
                 units += [(item.name, rows_) for rows_ in state.slabs]
             else:

@@ -11,10 +11,16 @@ in an ordinary safetensors file:
 | ``W.absmax`` | float32 | ``[C]`` | largest ``|x_j|`` seen |
 | ``W.outliers`` | int64 | ``[C]`` | how many rows had ``|x_j| > 6.0`` (LLM.int8 outlier features) |
 | ``W.sample`` | float32 | ``[S, C]`` | ``S`` real input rows, a uniform sample (seeded) |
+| ``W.hessian`` | float32 | ``[C, C]`` | ``E[x x^T]``, optional (version 2), stored once per distinct input |
 
-Header metadata (strings): ``umq.stats`` = ``"1"`` (the version), ``tokens`` (rows seen
+Header metadata (strings): ``umq.stats`` = ``"2"`` (the version; ``"1"`` files, without
+Hessians, still load), ``tokens`` (rows seen
 by the layer that saw most), ``samples`` (sequences run), ``seed``, ``source`` (model and
-data), ``outlier_threshold``, and ``rows``: a JSON object ``W -> rows seen``.
+data), ``outlier_threshold``, ``rows``: a JSON object ``W -> rows seen``, and (version 2,
+when Hessians were collected) ``hessians``: a JSON object ``W -> the weight whose
+``.hessian`` tensor holds W's input Hessian``. Layers that read the same input (q, k and v
+projections; gate and up) share one Hessian: the GPTQ method (:mod:`umqcli.gptq`) needs
+``H = E[x x^T]`` per input, and an input of width C costs ``4 C^2`` bytes (float32).
 
 The statistics are streamed (:class:`ActivationAccumulator`): running sums in float64,
 a running max and count, and a fixed-size sample; memory is ``O(C * S)`` per tensor no
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -34,7 +40,8 @@ import torch
 
 from .errors import UMQError
 
-STATS_VERSION = "1"
+STATS_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 OUTLIER_THRESHOLD = 6.0  # LLM.int8 (Dettmers et al. 2022): |x| > 6 marks an outlier feature
 
 META_VERSION = "umq.stats"
@@ -43,6 +50,7 @@ ABSMAX = "absmax"
 OUTLIERS = "outliers"
 SAMPLE = "sample"
 FIELDS = (ACT_SQ, ABSMAX, OUTLIERS, SAMPLE)
+HESSIAN = "hessian"  # optional, version 2
 _FIELD_DTYPES = {ACT_SQ: torch.float32, ABSMAX: torch.float32, OUTLIERS: torch.int64, SAMPLE: torch.float32}
 
 
@@ -55,6 +63,8 @@ class ChannelStats:
     - ``outliers``: int64 ``[C]``, number of rows with ``|x_j| > 6.0``.
     - ``sample``: float32 ``[S, C]``, real input rows (may be ``[0, C]``).
     - ``rows``: how many input rows (tokens) the statistics cover (0 if unknown).
+    - ``hessian``: float32 ``[C, C]``, ``E[x x^T]`` over every row seen, or None (not
+      collected); the same tensor object for weights that read the same input.
     """
 
     act_sq: torch.Tensor
@@ -62,6 +72,7 @@ class ChannelStats:
     outliers: torch.Tensor
     sample: torch.Tensor
     rows: int = 0
+    hessian: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -87,6 +98,10 @@ class ChannelStats:
                 )
         if not bool(torch.isfinite(self.act_sq).all()) or bool((self.act_sq < 0).any()):
             raise UMQError("act_sq holds negative or non-finite values", rule="stats", file=file, tensor=name)
+        if self.hessian is not None and (self.hessian.dtype != torch.float32
+                                         or tuple(self.hessian.shape) != (channels, channels)):
+            raise UMQError(f"hessian has dtype {self.hessian.dtype} and shape {tuple(self.hessian.shape)}; "
+                           f"expected float32 ({channels}, {channels})", rule="stats", file=file, tensor=name)
 
     @classmethod
     def uniform(cls, channels: int) -> "ChannelStats":
@@ -171,6 +186,11 @@ class ActivationAccumulator:
     """
 
     def __init__(self, *, sample_rows: int = 128, seed: int = 0, outlier_threshold: float = OUTLIER_THRESHOLD) -> None:
+        # Hessians: running float32 sums of x^T x per distinct input (the key), the rows
+        # they cover, and which key each weight reads.
+        self._hessian_sums: dict[str, torch.Tensor] = {}
+        self._hessian_rows: dict[str, int] = {}
+        self._hessian_of: dict[str, str] = {}
         if sample_rows < 0:
             raise UMQError(f"sample_rows must be >= 0, got {sample_rows}", rule="stats")
         self.sample_rows = sample_rows
@@ -178,9 +198,22 @@ class ActivationAccumulator:
         self.outlier_threshold = outlier_threshold
         self._running: dict[str, _Running] = {}
 
-    def update(self, name: str, x: torch.Tensor) -> None:
-        """Add input rows ``x`` (float ``[..., C]``) of weight ``name``."""
+    def update(self, name: str, x: torch.Tensor, *, hessian_key: str | None = None) -> None:
+        """Add input rows ``x`` (float ``[..., C]``) of weight ``name``. With
+        ``hessian_key`` also ``x^T x`` into the Hessian of that key, once per call for the
+        first weight of the key (weights that read the same input name the same key and
+        pass the same rows; only the key's own weight adds them)."""
         x = x.reshape(-1, x.shape[-1])
+        if hessian_key is not None:
+            self._hessian_of.setdefault(name, hessian_key)
+            if hessian_key == name:
+                x32 = x.detach().to(torch.float32)
+                total = self._hessian_sums.get(name)
+                if total is None:
+                    total = self._hessian_sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32)
+                    self._hessian_rows[name] = 0
+                total.addmm_(x32.T, x32)
+                self._hessian_rows[name] += x32.shape[0]
         running = self._running.get(name)
         if running is None:
             running = _Running(name, x.shape[-1], self.sample_rows, self.seed, self.outlier_threshold)
@@ -197,7 +230,15 @@ class ActivationAccumulator:
         return list(self._running)
 
     def result(self) -> dict[str, ChannelStats]:
-        return {name: running.result() for name, running in self._running.items()}
+        hessians = {key: total / max(self._hessian_rows[key], 1) for key, total in self._hessian_sums.items()}
+        out = {}
+        for name, running in self._running.items():
+            item = running.result()
+            key = self._hessian_of.get(name)
+            if key in hessians and hessians[key].shape[0] == item.channels:
+                item = replace(item, hessian=hessians[key])
+            out[name] = item
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -206,7 +247,7 @@ class ActivationAccumulator:
         for r in self._running.values():
             for t in (r.sum_sq, r.absmax, r.outliers, r.keys, r.index, r.sample):
                 total += t.numel() * t.element_size()
-        return total
+        return total + sum(t.numel() * t.element_size() for t in self._hessian_sums.values())
 
 
 # --------------------------------------------------------------------------- file
@@ -227,9 +268,20 @@ def save_stats(path: str | Path, stats: Mapping[str, ChannelStats], metadata: Ma
         tensors[f"{name}.{ABSMAX}"] = item.absmax.contiguous()
         tensors[f"{name}.{OUTLIERS}"] = item.outliers.contiguous()
         tensors[f"{name}.{SAMPLE}"] = item.sample.contiguous()
+    # One .hessian tensor per distinct Hessian object, under the first weight holding it.
+    owners: dict[int, str] = {}
+    hessian_of: dict[str, str] = {}
+    for name, item in stats.items():
+        if item.hessian is not None:
+            owner = owners.setdefault(id(item.hessian), name)
+            hessian_of[name] = owner
+            if owner == name:
+                tensors[f"{name}.{HESSIAN}"] = item.hessian.contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta[META_VERSION] = STATS_VERSION
     meta["rows"] = json.dumps({name: int(item.rows) for name, item in stats.items()}, separators=(",", ":"))
+    if hessian_of:
+        meta["hessians"] = json.dumps(hessian_of, separators=(",", ":"))
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
@@ -257,8 +309,9 @@ def read_stats_metadata(path: str | Path) -> dict[str, str]:
     if version is None:
         raise UMQError("not an activation statistics file (no umq.stats metadata; made by umq calibrate?)",
                        rule="stats-version", file=path)
-    if version != STATS_VERSION:
-        raise UMQError(f"umq.stats version {version!r} is not supported (this reader knows {STATS_VERSION})",
+    if version not in READABLE_VERSIONS:
+        raise UMQError(f"umq.stats version {version!r} is not supported (this reader knows "
+                       f"{', '.join(READABLE_VERSIONS)})",
                        rule="stats-version", file=path)
     return dict(metadata)
 
@@ -282,7 +335,7 @@ def load_stats(path: str | Path) -> dict[str, ChannelStats]:
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
             name, _, field = key.rpartition(".")
-            if field not in FIELDS or not name:
+            if field not in FIELDS + (HESSIAN,) or not name:
                 raise UMQError(f"unexpected tensor {key!r} (expected NAME.{{{','.join(FIELDS)}}})",
                                rule="stats", file=path, tensor=key)
             fields.setdefault(name, {})[field] = handle.get_tensor(key)
@@ -294,5 +347,16 @@ def load_stats(path: str | Path) -> dict[str, ChannelStats]:
         item = ChannelStats(parts[ACT_SQ], parts[ABSMAX], parts[OUTLIERS], parts[SAMPLE], int(rows.get(name, 0)))
         item.check(name, path)
         result[name] = item
+    try:
+        hessian_of = json.loads(metadata.get("hessians", "{}"))
+    except json.JSONDecodeError:
+        raise UMQError("the hessians metadata is not valid JSON", rule="stats", file=path) from None
+    for name, owner in hessian_of.items():
+        hessian = fields.get(owner, {}).get(HESSIAN)
+        if name not in result or hessian is None:
+            raise UMQError(f"hessians names {owner}.{HESSIAN}, which the file lacks", rule="stats",
+                           file=path, tensor=name)
+        result[name] = replace(result[name], hessian=hessian)
+        result[name].check(name, path)
     return result
 

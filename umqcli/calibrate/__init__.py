@@ -130,6 +130,7 @@ def calibrate(
     max_rows: int = 0,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
+    hessian: bool = False,
     progress: ProgressFn = no_progress,
 ) -> CalibrationResult:
     """``umq calibrate``: statistics (from ``data`` through the model, or ``stats_in``, or
@@ -138,6 +139,7 @@ def calibrate(
     the recipe (and the statistics) written atomically.
 
     ``source``: a HF model directory (needed with ``data``) or a ``.safetensors`` file.
+    ``hessian``: also collect each linear input's Hessian (for the gptq method).
     """
     from ..io import open_checkpoint
     from ..plan import make_plan
@@ -161,7 +163,7 @@ def calibrate(
         if data is not None:
             stats_run = collect_stats(source, data, checkpoint_names=checkpoint.names(), samples=samples,
                                       seq_len=seq_len, batch_size=batch_size, sample_rows=sample_rows,
-                                      seed=seed, progress=progress)
+                                      seed=seed, hessian=hessian, progress=progress)
             stats = stats_run.stats
             if stats_out is not None:
                 save_stats(stats_out, stats, stats_run.metadata)

@@ -69,6 +69,7 @@ def collect_stats(
     batch_size: int = 8,
     sample_rows: int = 128,
     seed: int = 0,
+    hessian: bool = False,
     progress: ProgressFn = no_progress,
 ) -> StatsRun:
     """Run the model on the calibration text and record the input statistics of every
@@ -77,6 +78,12 @@ def collect_stats(
     Padding positions are excluded (the attention mask selects real tokens). The model
     runs under ``torch.inference_mode`` in batches of ``batch_size`` sequences; the hooks
     fold each batch into running sums at once, so memory does not grow with ``samples``.
+
+    ``hessian``: also ``H = E[x x^T]`` (float32) per distinct linear input, for the gptq
+    method. Layers that are handed the same input tensor (q/k/v, gate/up) share one H,
+    keyed by the first of them: ``4 C^2`` bytes per distinct input of width C, held for
+    the whole run (MiniLM ~66 MB, SmolLM2-135M ~0.4 GB; a 4096-wide 32-layer Llama with
+    11008-wide FFN inputs ~22 GB, see ``docs/gptq.md``).
     """
     model, tokenizer = load_hf_model(model_dir)
     documents = read_documents(data)
@@ -85,14 +92,20 @@ def collect_stats(
     mapping = match_weight_names(linear_names, checkpoint_names)
     accumulator = ActivationAccumulator(sample_rows=sample_rows, seed=seed)
     current_mask: list[torch.Tensor | None] = [None]
+    # Per batch: input tensor id -> (the tensor, kept alive so its id stays unique; the
+    # first weight that read it). Weights reading the same tensor share its Hessian.
+    batch_inputs: dict[int, tuple[torch.Tensor, str]] = {}
 
     def make_hook(weight_name: str):
         def hook(module, args):
             x = args[0]
+            key = None
+            if hessian:
+                key = batch_inputs.setdefault(id(x), (x, weight_name))[1]
             token_mask = current_mask[0]
             if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
                 x = x[token_mask]
-            accumulator.update(weight_name, x)
+            accumulator.update(weight_name, x, hessian_key=key)
 
         return hook
 
@@ -106,10 +119,12 @@ def collect_stats(
                 ids = input_ids[start:start + batch_size]
                 mask = attention[start:start + batch_size]
                 current_mask[0] = mask.bool()
+                batch_inputs.clear()
                 model(input_ids=ids, attention_mask=mask)
                 peak = max(peak, accumulator.nbytes)
                 progress("calibrate", min(start + batch_size, total), total)
     finally:
+        batch_inputs.clear()
         for handle in handles:
             handle.remove()
     stats = accumulator.result()

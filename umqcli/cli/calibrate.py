@@ -37,6 +37,7 @@ def calibrate_command(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only search tensors matching this glob or re:regex (as umq pack).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never search tensors matching this glob or re:regex (as umq pack).")] = None,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads for running the model (0 = torch's default). The search itself runs single-threaded.")] = 0,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Also collect each linear input's Hessian E[x x^T] (float32, 4*C^2 bytes per distinct input) into --stats-out, for `umq pack --method gptq`.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
     """Measure real activation statistics (per input channel of every linear layer) and
@@ -60,6 +61,7 @@ def calibrate_command(
         data=data, stats_in=stats, stats_out=stats_out, recipe_out=out, budget_bits=budget_bits,
         max_rel_error=max_rel_error, space=space, samples=samples, seq_len=seq_len, batch_size=batch_size,
         sample_rows=sample_rows, seed=seed, max_rows=max_rows, include=include or (), exclude=exclude or (),
+        hessian=hessian,
     )
     if as_json:
         result = calibrate(model, **options)

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..format import LoFormat, QuantParams, Selection
+from ..format import LoFormat, Method, QuantParams, ScaleRule, Selection
 from ..pack import PackProgress, PackSummary, pack
 from ..recipe import Recipe
 from ._common import app, console, err_console, error_boundary, human_bytes, print_json
@@ -26,8 +26,10 @@ def pack_command(
     hi: Annotated[Optional[str], typer.Option("--hi", help="16-bit encoding: auto, float16 or bfloat16 (default: auto = source dtype; float16 for float32 unless a hi value overflows).")] = None,
     block: Annotated[Optional[int], typer.Option("--block", help="Columns per lo scale, a multiple of 8; 0 = one scale per row (default: 0).")] = None,
     select: Annotated[Optional[Selection], typer.Option("--select", help="How hi positions are chosen (default: magnitude).")] = None,
+    method: Annotated[Optional[Method], typer.Option("--method", help="How lo values are rounded: rtn (to nearest, default) or gptq (error feedback through the input Hessian; needs --stats from `umq calibrate --hessian`).")] = None,
+    scale_rule: Annotated[Optional[ScaleRule], typer.Option("--scale-rule", help="How lo scales are chosen: absmax (default), clip or clip-hessian (clip-ratio search per block).")] = None,
     recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="Per-tensor parameters from `umq calibrate` (flags set the defaults for tensors it does not name).")] = None,
-    stats: Annotated[Optional[Path], typer.Option("--stats", help="Activation statistics from `umq calibrate` (needed by --select activation).")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Activation statistics from `umq calibrate` (needed by --select activation and --method gptq).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only pack tensors matching this glob or re:regex (repeatable; lifts the default exclusions).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never pack tensors matching this glob or re:regex (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
@@ -41,18 +43,21 @@ def pack_command(
     recipe = Recipe.load(recipe_path) if recipe_path is not None else None
     base = (recipe.defaults if recipe is not None and recipe.defaults is not None else QuantParams())
     given = {key: value for key, value in
-             (("k", k), ("lo", lo), ("hi", hi), ("block", block), ("selection", select)) if value is not None}
+             (("k", k), ("lo", lo), ("hi", hi), ("block", block), ("selection", select),
+              ("method", method), ("scale_rule", scale_rule)) if value is not None}
     # QuantParams validates every value (UMQError naming the rule); hi "auto" -> None.
     params = QuantParams(**{**_fields(base), **given}) if given else base
-    act_sq = None
+    act_sq = hessians = None
     if stats is not None:
         from ..stats import load_stats
 
-        act_sq = {name: item.act_sq for name, item in load_stats(stats).items()}
+        loaded = load_stats(stats)
+        act_sq = {name: item.act_sq for name, item in loaded.items()}
+        hessians = {name: item.hessian for name, item in loaded.items() if item.hessian is not None}
 
     if as_json:
         summary = pack(src, out, params=params, recipe=recipe, include=include or (), exclude=exclude or (),
-                       act_sq=act_sq, force=force)
+                       act_sq=act_sq, hessians=hessians, force=force)
         print_json(summary.to_json())
         return
 
@@ -76,13 +81,13 @@ def pack_command(
             )
 
         summary = pack(src, out, params=params, recipe=recipe, include=include or (), exclude=exclude or (),
-                       act_sq=act_sq, force=force, progress=on_progress)
+                       act_sq=act_sq, hessians=hessians, force=force, progress=on_progress)
     render_summary(summary)
 
 
 def _fields(params: QuantParams) -> dict:
     return {"k": params.k, "lo": params.lo, "hi": params.hi, "block": params.block,
-            "selection": params.selection, "scale_rule": params.scale_rule}
+            "selection": params.selection, "scale_rule": params.scale_rule, "method": params.method}
 
 
 def render_summary(summary: PackSummary) -> None:
