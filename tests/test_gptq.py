@@ -292,3 +292,51 @@ def test_pack_gptq_slab_by_slab_equals_the_whole_tensor(tmp_path) -> None:
     with pytest.raises(UMQError) as info:
         pack(src, tmp_path / "p.safetensors", params=params, act_sq={"layer.weight": hessian.diagonal()})
     assert info.value.rule == "hessian" and not (tmp_path / "p.safetensors").exists()
+
+
+def test_candidate_search_knows_the_gptq_method() -> None:
+    """method=rtn+gptq: gptq candidates (saliency only with gptq) appear when the tensor's
+    statistics carry a Hessian, their predicted error is tr(E H E^T) / tr(W H W^T) of
+    the packed result, and at equal bits gptq predicts less error than rtn."""
+    from umqcli.calibrate import CandidateSpace, evaluate_tensor
+    from umqcli.stats import ChannelStats
+
+    weight, hessian = _layer(rows=32, cols=256, seed=7)
+    space = CandidateSpace.parse("k=0-1,lo=int8,block=row,selection=magnitude+saliency,method=rtn+gptq")
+    assert space.methods == (Method.RTN, Method.GPTQ)
+    without = space.params_for(256, have_stats=True)
+    assert all(p.method is Method.RTN and p.selection is not Selection.SALIENCY for p in without)
+    stats = ChannelStats(hessian.diagonal().clone(), hessian.diagonal().sqrt(), torch.zeros(256, dtype=torch.int64),
+                         torch.zeros(0, 256), rows=2048, hessian=hessian)
+    choice = evaluate_tensor("w", weight, stats, space, refine=0)
+    by_key = {(c.params.method, c.params.k, c.params.selection): c for c in choice.candidates}
+    assert (Method.GPTQ, 1, Selection.SALIENCY) in by_key and (Method.RTN, 1, Selection.SALIENCY) not in by_key
+    for k, selection in ((0, Selection.MAGNITUDE), (1, Selection.MAGNITUDE)):
+        assert by_key[(Method.GPTQ, k, selection)].error < 0.7 * by_key[(Method.RTN, k, selection)].error
+    params = by_key[(Method.GPTQ, 1, Selection.SALIENCY)].params
+    packed = gptq.quantize_gptq(weight, params, hessian, act_sq=hessian.diagonal())
+    assert by_key[(Method.GPTQ, 1, Selection.SALIENCY)].error == pytest.approx(
+        _output_error(weight, packed, hessian), rel=1e-3)
+
+
+def test_compare_shows_gptq_rows_when_the_statistics_hold_hessians() -> None:
+    """default_formats(with_hessians=True) adds plain GPTQ (k=0) and k=1 saliency rows for
+    int8 and fp8_e4m3; measured on inputs with second moment H, gptq k=0 beats rtn k=0
+    (int8 per-channel's values); without a Hessian those rows are skipped with a reason."""
+    from umqcli.compare import default_formats, measure_tensor
+
+    weight, hessian = _layer(rows=32, cols=256, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4096, 256, generator=gen) @ torch.linalg.cholesky(hessian).T  # E[x x^T] = H
+    formats = [f for f in default_formats(with_activations=True, with_hessians=True)
+               if f.name in ("umq-k0-int8-row-mag", "umq-k0-int8-row-mag-gptq", "umq-k1-int8-row-sal-gptq",
+                             "umq-k1-fp8_e4m3-row-sal-gptq", "umq-k0-fp8_e4m3-row-mag-gptq")]
+    assert len(formats) == 5 and {f.family for f in formats if f.params.method is Method.GPTQ} == {"gptq k=0",
+                                                                                                  "gptq k=1"}
+    results, skipped, _ = measure_tensor("w", weight, formats, x, act_sq=hessian.diagonal(), hessian=hessian)
+    assert not skipped
+    assert results["umq-k0-int8-row-mag-gptq"].rel_error < 0.8 * results["umq-k0-int8-row-mag"].rel_error
+    assert results["umq-k1-int8-row-sal-gptq"].rel_error < results["umq-k0-int8-row-mag-gptq"].rel_error
+    _, skipped, _ = measure_tensor("w", weight, formats, x, act_sq=hessian.diagonal())
+    assert set(skipped) == {f.name for f in formats if f.params.method is Method.GPTQ}
+    assert all("Hessian" in reason for reason in skipped.values())

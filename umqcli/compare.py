@@ -42,14 +42,20 @@ from . import codec
 from .baselines import BASELINES, Baseline
 from ._optional import require
 from .errors import UMQError
-from .format import GROUP, HiFormat, LoFormat, QuantParams, Selection
+from .format import GROUP, HiFormat, LoFormat, Method, QuantParams, Selection
 from .progress import ProgressFn, no_progress
 
 UMQ_KS = (0, 1, 2, 4)
 UMQ_LOS = (LoFormat.FP8_E4M3, LoFormat.FP8_E5M2, LoFormat.INT8)
 UMQ_BLOCKS = (0, 32)  # 0: one scale per row
 UMQ_SELECTIONS = (Selection.MAGNITUDE, Selection.ERROR, Selection.ACTIVATION)
-_SEL_SHORT = {Selection.MAGNITUDE: "mag", Selection.ERROR: "err", Selection.ACTIVATION: "act"}
+_SEL_SHORT = {Selection.MAGNITUDE: "mag", Selection.ERROR: "err", Selection.ACTIVATION: "act",
+              Selection.SALIENCY: "sal"}
+# With Hessians in the statistics: plain GPTQ (k = 0, what UMQ's hi slots add on top of)
+# and k = 1 with the saliency selection, for each lo format, one scale per row.
+GPTQ_CONFIGS = tuple(QuantParams(k=k, lo=lo, selection=Selection.SALIENCY if k else Selection.MAGNITUDE,
+                                 method=Method.GPTQ)
+                     for k in (0, 1) for lo in (LoFormat.INT8, LoFormat.FP8_E4M3))
 
 
 # --------------------------------------------------------------------------- formats
@@ -70,6 +76,8 @@ class Format:
             detail = self.params.to_json()
             detail.pop("hi", None)
             detail.pop("scale_rule", None)
+            if self.params.method is Method.RTN:
+                detail.pop("method", None)
         else:
             assert self.baseline is not None
             detail = {"library": self.baseline.library, **self.baseline.params}
@@ -77,9 +85,11 @@ class Format:
 
 
 def umq_name(params: QuantParams) -> str:
-    """``umq-k1-fp8_e4m3-row-mag``: k, lo, block (``row`` or ``b32``), selection."""
+    """``umq-k1-fp8_e4m3-row-mag``: k, lo, block (``row`` or ``b32``), selection, and
+    ``-gptq`` for the gptq method."""
     block = "row" if params.block == 0 else f"b{params.block}"
-    return f"umq-k{params.k}-{params.lo.value}-{block}-{_SEL_SHORT[params.selection]}"
+    method = "" if params.method is Method.RTN else f"-{params.method.value}"
+    return f"umq-k{params.k}-{params.lo.value}-{block}-{_SEL_SHORT[params.selection]}{method}"
 
 
 def umq_configs(with_activations: bool) -> list[QuantParams]:
@@ -96,10 +106,14 @@ def umq_configs(with_activations: bool) -> list[QuantParams]:
     return out
 
 
-def default_formats(with_activations: bool) -> list[Format]:
+def default_formats(with_activations: bool, with_hessians: bool = False) -> list[Format]:
+    """The UMQ grid, the gptq configurations when the statistics hold Hessians (family
+    ``gptq k=K``), and every baseline."""
     formats = [
         Format(umq_name(p), "umq", f"umq k={p.k}", params=p) for p in umq_configs(with_activations)
     ]
+    if with_hessians:
+        formats += [Format(umq_name(p), "umq", f"gptq k={p.k}", params=p) for p in GPTQ_CONFIGS]
     formats += [Format(b.name, "baseline", b.family, baseline=b) for b in BASELINES.values()]
     return formats
 
@@ -380,13 +394,15 @@ def measure_tensor(
     *,
     act_sq: torch.Tensor | None = None,
     act_absmax: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
     weight_rows: int = 0,
     seed: int = 0,
 ) -> tuple[dict[str, TensorResult], dict[str, str], int]:
     """Measure every format on one weight.
 
     ``weight``: float ``[R, C]``; ``x``: float32 ``[N, C]`` input rows; ``act_sq`` /
-    ``act_absmax``: float32 ``[C]`` or ``None``. Returns (results by format name, reasons
+    ``act_absmax``: float32 ``[C]`` or ``None``; ``hessian``: float32 ``[C, C]`` (the gptq
+    configurations need it) or ``None``. Returns (results by format name, reasons
     for formats that do not apply to this tensor, number of output rows measured).
     """
     rows, cols = weight.shape
@@ -405,8 +421,17 @@ def measure_tensor(
             if cols % (params.block or cols):
                 skipped[fmt.name] = f"block {params.block} does not divide {cols} columns"
                 continue
-            mask, hi = umq_select(sampled, params, act_sq, cache)
-            approx = umq_values(sampled, params, mask, hi, cache)
+            if params.method is Method.GPTQ:
+                if hessian is None:
+                    skipped[fmt.name] = "needs the input Hessian (statistics from umq calibrate --hessian)"
+                    continue
+                from .gptq import prepare_hessian, quantize_gptq
+
+                prepared = _cached(cache, "hessian", lambda: prepare_hessian(hessian))
+                approx = codec.dequantize(quantize_gptq(sampled, params, prepared, act_sq=act_sq), torch.float32)
+            else:
+                mask, hi = umq_select(sampled, params, act_sq, cache)
+                approx = umq_values(sampled, params, mask, hi, cache)
             bits = params.bits_per_element(cols)
         else:
             baseline = fmt.baseline
@@ -618,7 +643,8 @@ def compare_checkpoint(
 
         stats = load_stats(activations)
     if formats is None:
-        formats = default_formats(with_activations=stats is not None)
+        formats = default_formats(with_activations=stats is not None,
+                                  with_hessians=stats is not None and any(s.hessian is not None for s in stats.values()))
     if any(f.baseline is not None and f.baseline.library == "bitsandbytes" for f in formats):
         from .baselines import bitsandbytes_functional
 
@@ -633,7 +659,7 @@ def compare_checkpoint(
             try:
                 measured, skipped, used_rows = measure_tensor(
                     name, weight, formats, x, act_sq=act_sq, act_absmax=act_absmax,
-                    weight_rows=weight_rows, seed=seed,
+                    hessian=None if stats is None else stats[name].hessian, weight_rows=weight_rows, seed=seed,
                 )
             except UMQError as exc:
                 raise exc.located(file=src, tensor=name)

@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from ..codec import block_scales, decode_lo, quantize_lo, resolve_hi, select, select_magnitude
+from ..codec import block_scales, decode_lo, dequantize, quantize_lo, resolve_hi, select, select_magnitude
 from ..errors import UMQError
-from ..format import GROUP, HiFormat, LoFormat, QuantParams, Selection
+from ..format import GROUP, HiFormat, LoFormat, Method, QuantParams, Selection
 from ..stats import ChannelStats
 
 
@@ -26,10 +26,11 @@ class CandidateSpace:
     los: tuple[LoFormat, ...] = (LoFormat.FP8_E4M3, LoFormat.INT8)
     blocks: tuple[int, ...] = (0, 32, 128)
     selections: tuple[Selection, ...] = (Selection.MAGNITUDE, Selection.ACTIVATION)
+    methods: tuple[Method, ...] = (Method.RTN,)
 
     @classmethod
     def parse(cls, text: str) -> "CandidateSpace":
-        """``"k=0-4,lo=fp8_e4m3+int8,block=row+32,selection=magnitude+activation"``; keys
+        """``"k=0-4,lo=fp8_e4m3+int8,block=row+32,selection=magnitude+activation,method=rtn+gptq"``; keys
         left out keep their defaults. ``all`` for a key means every value."""
         space = cls()
         changes: dict[str, tuple] = {}
@@ -59,18 +60,31 @@ class CandidateSpace:
                 elif key == "selection":
                     changes["selections"] = (tuple(Selection) if values == ["all"]
                                              else tuple(Selection(v) for v in values))
+                elif key == "method":
+                    changes["methods"] = tuple(Method) if values == ["all"] else tuple(Method(v) for v in values)
                 else:
-                    raise ValueError(f"unknown key {key!r} (k, lo, block, selection)")
+                    raise ValueError(f"unknown key {key!r} (k, lo, block, selection, method)")
             except ValueError as exc:
                 raise UMQError(f"bad candidate option {part!r}: {exc}", rule="candidates") from None
         return cls(**{**space.__dict__, **changes})
 
-    def params_for(self, columns: int, *, have_stats: bool) -> list[QuantParams]:
+    def params_for(self, columns: int, *, have_stats: bool, have_hessian: bool = False) -> list[QuantParams]:
         """Every distinct candidate for a tensor with ``columns`` columns. Blocks that do
         not divide ``columns`` are skipped; without statistics ``activation`` becomes
-        ``error`` (the same rule with a_j = 1)."""
+        ``error`` (the same rule with a_j = 1). ``gptq`` candidates only with the tensor's
+        Hessian; ``saliency`` only with ``gptq`` (it needs the Hessian)."""
+        out: list[QuantParams] = []
+        for method in self.methods:
+            if method is Method.GPTQ and not have_hessian:
+                continue
+            selections = [s for s in self.selections if s is not Selection.SALIENCY or method is Method.GPTQ]
+            out += self._params_for(columns, selections, have_stats, method)
+        return out
+
+    def _params_for(self, columns: int, chosen: Sequence[Selection], have_stats: bool,
+                    method: Method) -> list[QuantParams]:
         selections = []
-        for s in self.selections:
+        for s in chosen:
             s = Selection.ERROR if (s is Selection.ACTIVATION and not have_stats) else s
             if s not in selections:
                 selections.append(s)
@@ -92,7 +106,7 @@ class CandidateSpace:
                             lo_, block_, s_ = lo, block, s
                         if key not in seen:
                             seen.add(key)
-                            out.append(QuantParams(k=k, lo=lo_, block=block_, selection=s_))
+                            out.append(QuantParams(k=k, lo=lo_, block=block_, selection=s_, method=method))
         return out
 
 
@@ -275,19 +289,39 @@ def evaluate_tensor(
     act_sq = stats.act_sq.float() if stats is not None else torch.ones(cols)
     subset = weight[_row_subset(rows, max_rows)]
     evaluator = _TensorEvaluator(subset, act_sq)
-    all_params = space.params_for(cols, have_stats=stats is not None)
+    hessian = None if stats is None else stats.hessian
+    all_params = space.params_for(cols, have_stats=stats is not None, have_hessian=hessian is not None)
     candidates: list[Candidate] = []
     energy_fix = output_energy_correction(subset, act_sq, None if stats is None else stats.sample)
+    prepared: list = []  # the factored Hessian, made on the first gptq candidate
+
+    def gptq_error(params: QuantParams) -> float:
+        # Error feedback makes the errors of one row correlated on purpose (they cancel
+        # through H's off-diagonal terms), so the diagonal model would overstate them:
+        # with H itself, tr(E H E^T) / tr(W H W^T) is the expected output error energy.
+        from ..gptq import prepare_hessian, quantize_gptq
+
+        if not prepared:
+            prepared.append(prepare_hessian(hessian))
+        approx = dequantize(quantize_gptq(subset, params, prepared[0], act_sq=act_sq), torch.float32)
+        h = prepared[0].hessian
+        w = subset.float()
+        e = w - approx
+        den = float(((w @ h) * w).double().sum())
+        return 0.0 if den <= 0.0 else max(float(((e @ h) * e).double().sum()), 0.0) / den
 
     def run(params: QuantParams) -> Candidate:
-        approx = evaluator.reconstruct(params)
-        error = weighted_error(subset, approx, act_sq) * energy_fix
+        if params.method is Method.GPTQ:
+            error = gptq_error(params)
+        else:
+            error = weighted_error(subset, evaluator.reconstruct(params), act_sq) * energy_fix
         cand = Candidate(params, params.bits_per_element(cols), error)
         candidates.append(cand)
         return cand
 
-    magnitude = [p for p in all_params if p.selection is Selection.MAGNITUDE]
-    others = [p for p in all_params if p.selection is not Selection.MAGNITUDE]
+    # gptq candidates are pruned like the non-magnitude selections (each costs a sweep).
+    magnitude = [p for p in all_params if p.selection is Selection.MAGNITUDE and p.method is Method.RTN]
+    others = [p for p in all_params if p.selection is not Selection.MAGNITUDE or p.method is not Method.RTN]
     by_k: dict[int, list[Candidate]] = {}
     for params in magnitude:
         by_k.setdefault(params.k, []).append(run(params))
