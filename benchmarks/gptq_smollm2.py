@@ -38,10 +38,8 @@ from umqcli.plan import make_plan
 CONFIGS = [
     ("rtn", QuantParams(k=1, lo="int8", selection="activation")),
     ("gptq", QuantParams(k=1, lo="int8", selection="saliency", method="gptq")),
-    ("gptq", QuantParams(k=0, lo="int8", method="gptq")),
     ("rtn", QuantParams(k=1, lo="fp8_e4m3", selection="activation")),
     ("gptq", QuantParams(k=1, lo="fp8_e4m3", selection="saliency", method="gptq")),
-    ("gptq", QuantParams(k=1, lo="fp8_e4m3", selection="activation", method="gptq")),
 ]
 
 
