@@ -30,7 +30,9 @@ def test_torch_backend_by_name():
 
 
 @pytest.mark.skipif(cuda_available(), reason="a CUDA device is present: auto picks cuda")
-def test_auto_without_device_is_torch_and_cuda_is_an_error():
+def test_auto_without_device_is_the_cpu_runtime_and_cuda_is_an_error(monkeypatch):
+    assert get_backend("auto").name == "cpu"  # the fused CPU runtime builds here (g++)
+    monkeypatch.setenv("UMQ_RUNTIME", "0")
     assert get_backend("auto").name == "torch"
     with pytest.raises(UMQError) as info:
         get_backend("cuda")

@@ -731,12 +731,17 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused:
     """Decode to the source dtype (or ``dtype``): hi values as stored, lo values as
     ``decode(q) * scale`` in float32, then cast (FORMAT §4). Returns ``[R, C]``.
 
-    ``fused``: as in :func:`quantize` (None: the fused numba pass for large CPU tensors
-    when numba is installed; False: the torch reference). Both give identical values.
+    ``fused``: as in :func:`quantize` (None: for large CPU tensors the C++ decode of
+    :mod:`umqcli.runtime` when it builds, else the fused numba pass; True: numba's; False:
+    the torch reference). All give identical values.
     """
     spec = packed.spec
     target = dtype or spec.torch_dtype
     if _use_fused(fused, packed.data.device, spec.rows * spec.columns) and target in _fused.OUT_CODES:
+        from . import runtime  # the C++ decode (SIMD) when it builds; numba's otherwise
+
+        if fused is None and runtime.available():
+            return runtime.decode(packed, target)
         check_stored_layout(packed)
         out, bad_rows = _fused.dequantize(
             packed.data, packed.mask, packed.scale, spec.k, spec.block, spec.lo.value, spec.hi.value, target

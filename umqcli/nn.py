@@ -268,7 +268,10 @@ class UMQLinear(nn.Module):
     def _backend_for(self, device: torch.device):
         name = self.backend
         if name == "auto" and device.type != "cuda":
-            name = "torch"  # the CUDA backend only serves tensors that live on a GPU
+            # The CUDA backend only serves tensors on a GPU; the fused CPU one when it builds.
+            from .backends import cpu_available
+
+            name = "cpu" if device.type == "cpu" and cpu_available() else "torch"
         backend = self._backends.get(name)
         if backend is None:
             from .backends import get_backend

@@ -1,6 +1,6 @@
 """Compute backends: decode a packed tensor and multiply by it.
 
-One seam, two implementations with the same signatures:
+One seam, several implementations with the same signatures:
 
 - ``torch`` (:mod:`umqcli.backends.torch`): the reference twin, ``codec.dequantize``
   followed by a float32 matmul; runs anywhere torch runs.
@@ -10,6 +10,8 @@ One seam, two implementations with the same signatures:
 - ``split`` (:mod:`umqcli.backends.split`): the seed's split matmul on stock torch GEMMs,
   an FP8/int8 GEMM on the lo codes plus a 16-bit GEMM on the hi values; it rounds the
   activations, so its matmul bound is looser (``umqcli.testing.bounds.split_error_bound``).
+- ``cpu`` (:mod:`umqcli.backends.cpu`): the fused CPU decode-matmul of
+  :mod:`umqcli.runtime` (C++ compiled on first use); needs a C++ compiler.
 
 Every backend has ``.name`` and
 
@@ -18,8 +20,8 @@ Every backend has ``.name`` and
 - ``matmul(x, packed) -> Tensor``: ``x`` float32/float16/bfloat16 ``[..., C]`` ->
   float32 ``[..., R]``, i.e. ``Y = X · Ŵᵀ`` with float32 accumulation.
 
-``get_backend("auto")`` picks CUDA when CuPy and a device are present, else torch;
-``get_backend("cuda")`` without them raises :class:`UMQError` (the CLI exits 2). Backends
+``get_backend("auto")`` picks CUDA when CuPy and a device are present, else the fused
+CPU backend when its library builds, else torch; ``get_backend("cuda")`` without them raises :class:`UMQError` (the CLI exits 2). Backends
 never decide policy: they compute what they are asked, after checking shapes and dtypes.
 """
 
@@ -33,7 +35,7 @@ import torch as _torch
 from ..codec import PackedTensor
 from ..errors import UMQError
 
-BACKEND_NAMES = ("auto", "torch", "cuda", "split")
+BACKEND_NAMES = ("auto", "torch", "cuda", "split", "cpu")
 
 
 @runtime_checkable
@@ -70,10 +72,19 @@ def cuda_available() -> bool:
     return cuda.is_available()
 
 
+def cpu_available() -> bool:
+    """True when the fused CPU runtime is enabled and its library builds and loads."""
+    from .. import runtime
+
+    return runtime.available()
+
+
 def get_backend(name: str = "auto") -> Backend:
-    """The backend called ``name``: ``"auto"`` (CUDA if available, else torch),
-    ``"torch"``, ``"cuda"`` or ``"split"``. Raises :class:`UMQError` (rule ``backend``) for an unknown
-    name or for ``"cuda"`` where CuPy or a device is missing."""
+    """The backend called ``name``: ``"auto"`` (CUDA if available, else the fused CPU
+    backend if it builds, else torch), ``"torch"``, ``"cuda"``, ``"split"`` or ``"cpu"``.
+    Raises :class:`UMQError` (rule ``backend``) for an unknown name, for ``"cuda"`` where
+    CuPy or a device is missing, and (rule ``runtime``) for ``"cpu"`` where the runtime is
+    off or does not build."""
     name = str(getattr(name, "value", name)).lower()
     if name not in BACKEND_NAMES:
         raise UMQError(
@@ -87,6 +98,10 @@ def get_backend(name: str = "auto") -> Backend:
         from .split import SplitBackend
 
         return SplitBackend()
+    if name == "cpu":
+        from .cpu import CpuBackend
+
+        return CpuBackend()
     from . import cuda
 
     if cuda.is_available():
@@ -97,9 +112,13 @@ def get_backend(name: str = "auto") -> Backend:
             f"(use --backend torch or auto)",
             rule="backend",
         )
+    if cpu_available():
+        from .cpu import CpuBackend
+
+        return CpuBackend()
     from .torch import TorchBackend
 
     return TorchBackend()
 
 
-__all__ = ["Backend", "BACKEND_NAMES", "check_matmul_input", "cuda_available", "get_backend"]
+__all__ = ["Backend", "BACKEND_NAMES", "check_matmul_input", "cpu_available", "cuda_available", "get_backend"]

@@ -21,6 +21,7 @@ from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, err_console, error_b
 class BackendChoice(str, Enum):
     auto = "auto"
     cuda = "cuda"
+    cpu = "cpu"
     torch = "torch"
 
 
@@ -30,7 +31,7 @@ def verify_command(
     packed: Annotated[Path, typer.Argument(help="A packed .safetensors file or HF model directory.")],
     reference: Annotated[Optional[Path], typer.Option("--reference", help="The unquantized source it was packed from: checks shapes, dtypes, hi values bit for bit and pass-through bytes, and measures error against the real weights (without it: against the codec's decode).")] = None,
     activations: Annotated[Optional[Path], typer.Option("--activations", help="Activation stats from `umq calibrate`: real input rows replace the Gaussian X.")] = None,
-    backend: Annotated[BackendChoice, typer.Option("--backend", help="auto (CUDA when a device is present, else torch), cuda or torch.")] = BackendChoice.auto,
+    backend: Annotated[BackendChoice, typer.Option("--backend", help="auto (CUDA when a device is present, else the fused CPU runtime, else torch), cuda, cpu or torch.")] = BackendChoice.auto,
     rows: Annotated[int, typer.Option("--rows", min=1, help="Input rows X per tensor.")] = DEFAULT_ROWS,
     max_rel_error: Annotated[float, typer.Option("--max-rel-error", min=0.0, help="Fail (exit 1) when a tensor's relative output error ||Y - Y_ref|| / ||Y_ref|| is above this.")] = DEFAULT_MAX_REL_ERROR,
     tensor: Annotated[Optional[list[str]], typer.Option("--tensor", help="Only tensors matching this glob or re:regex (repeatable).")] = None,

@@ -1,0 +1,220 @@
+"""The fused CPU runtime (umqcli.runtime) against the torch reference (decode, then matmul).
+
+Decoded weights must be bit-exact with ``codec.dequantize(..., fused=False)``. Products may
+differ only by float32 summation order; the stated bound is the classic one for two
+orders of the same sum of C products:
+
+    |y - y_ref| <= 2 * C * u * (|x| @ |Ŵ|ᵀ),   u = 2^-24,
+
+which for the widths used here is a relative error of a few 1e-5 at most; a misplaced
+byte, a wrong scale or a lost hi value is orders of magnitude larger.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from umqcli import runtime
+from umqcli.backends import get_backend
+from umqcli.codec import PackedTensor, dequantize, quantize
+from umqcli.errors import UMQError
+from umqcli.format import QuantParams, TensorSpec
+from umqcli.nn import UMQLinear, weight_memory
+
+from checkpoints import minilm_dir
+
+U = 2.0**-24
+LOS = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+def _isas() -> list[str]:
+    return list(runtime.supported_isas())
+
+
+def assert_within_bound(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The summation-order bound of the module docstring (x, weight float32 2-D)."""
+    y_ref = x.double() @ weight.double().T
+    bound = 2 * x.shape[-1] * U * (x.abs().double() @ weight.abs().double().T)
+    err = (y.double() - y_ref).abs()
+    assert bool((err <= bound).all()), f"max err {err.max():.3g}, bound there {bound.flatten()[err.argmax()]:.3g}"
+
+
+def packed_weight(rows: int, cols: int, seed: int = 0, dtype=torch.float32, **params) -> PackedTensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.05
+    w[:, :: max(1, cols // 7)] *= 20.0  # outlier columns, so hi values and scales matter
+    return quantize(w.to(dtype), QuantParams(**params), fused=False)  # the reference writer
+
+
+def test_fast_path_builds_and_runs_here():
+    """A fresh clone with a compiler must get the compiled path, not the fallback."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine: the fallback is tested below")
+    assert runtime.available()
+    if _cpu_has_avx2():
+        assert runtime.supported_isas()[0] == "avx2"
+    layer = UMQLinear.from_packed(packed_weight(24, 64, k=1))
+    layer(torch.randn(1, 64))
+    assert runtime.last_path() == f"{runtime.supported_isas()[0]}-gemv"
+    assert layer._backend_for(torch.device("cpu")).name == "cpu"
+    layer(torch.randn(40, 64))
+    assert runtime.last_path() == f"{runtime.supported_isas()[0]}-tiled"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("lo", LOS)
+@pytest.mark.parametrize("hi", ["float16", "bfloat16"])
+@pytest.mark.parametrize("k", [0, 1, 3, 8])
+@pytest.mark.parametrize("block", [0, 40])
+def test_matmul_and_decode_match_the_reference(isa, lo, hi, k, block):
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    # 37 rows: not a multiple of the 8-row scheduling unit; 200 columns = 25 groups: not a
+    # multiple of the 4-group unroll, and the last groups of the buffer take the copy path.
+    packed = packed_weight(37, 200, seed=k, lo=lo, hi=hi, k=k, block=block)
+    reference = dequantize(packed, torch.float32, fused=False)
+    decoded = runtime.decode(packed, torch.float32, isa=isa)
+    assert torch.equal(decoded.view(torch.int32), reference.view(torch.int32))
+    for dtype in (torch.float16, torch.bfloat16):
+        expected = dequantize(packed, dtype, fused=False)
+        assert torch.equal(runtime.decode(packed, dtype, isa=isa).view(torch.int16), expected.view(torch.int16))
+    gen = torch.Generator().manual_seed(1)
+    for m in (1, 2, 3, 5, 17, 40):  # 17 and 40 > GEMV_MAX_ROWS: the tiled prefill path
+        x = torch.randn(m, 200, generator=gen)
+        y = runtime.matmul(x, packed, isa=isa)
+        assert y.shape == (m, 37) and y.dtype == torch.float32
+        assert runtime.last_path() == f"{isa}-{'gemv' if m <= runtime.GEMV_MAX_ROWS else 'tiled'}"
+        assert_within_bound(y, x, reference)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_gemv_column_chunks_and_large_m(isa, monkeypatch):
+    """Wide rows (several L1 column chunks, a block scale straddling none of them) and a
+    prefill of several tiles."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    packed = packed_weight(70, 4096 + 64, seed=3, k=1, lo="int8", block=64)
+    reference = dequantize(packed, torch.float32, fused=False)
+    monkeypatch.setattr(runtime, "TILE_BYTES", 16 * 4 * (4096 + 64))  # 16-row tiles: 5 of them
+    for m in (1, 4, 7, 80):
+        x = torch.randn(m, 4096 + 64)
+        assert_within_bound(runtime.matmul(x, packed, isa=isa), x, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_umqlinear_activation_dtypes(dtype):
+    packed = packed_weight(33, 96, seed=5, k=2, lo="fp8_e4m3")
+    bias = torch.randn(33)
+    fused = UMQLinear.from_packed(packed, bias)
+    reference = UMQLinear.from_packed(packed, bias, backend="torch")
+    for shape in ((96,), (3, 96), (2, 17, 96)):
+        x = torch.randn(shape).to(dtype)
+        y = fused(x)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], 33)
+        if dtype == torch.float32:
+            assert_within_bound(y.reshape(-1, 33) - bias, x.reshape(-1, 96), reference.decoded_weight())
+        else:  # both round the same float32 result once to 16 bits: at most one ulp apart
+            torch.testing.assert_close(y, reference(x), rtol=2 ** -7 if dtype == torch.bfloat16 else 2**-10, atol=1e-6)
+
+
+def test_layer_keeps_format_v1_and_no_dense_copy():
+    packed = packed_weight(16, 64, k=1)
+    layer = UMQLinear.from_packed(packed)
+    before = weight_memory(layer)
+    layer(torch.randn(1, 64))
+    layer(torch.randn(20, 64))
+    assert weight_memory(layer) == before and before.decode_cache == 0
+    state = layer.state_dict()
+    assert set(state) == {"weight.umq_data", "weight.umq_mask", "weight.umq_scale"}
+    assert state["weight.umq_data"].data_ptr() == packed.data.data_ptr()
+
+
+def test_popcount_violation_is_refused_and_reads_stay_in_bounds():
+    packed = packed_weight(9, 64, k=1)
+    mask = packed.mask.clone()
+    mask[-1, -1] = 0xFF  # 8 hi bits in a 9-byte group, at the very end of the buffer
+    bad = PackedTensor(data=packed.data, mask=mask, scale=packed.scale, spec=packed.spec)
+    for isa in _isas():
+        with pytest.raises(UMQError) as info:
+            runtime.decode(bad, isa=isa)
+        assert info.value.rule == "popcount"
+        runtime.matmul(torch.randn(1, 64), bad, isa=isa)  # garbage values, but no crash
+
+
+def test_forced_paths_and_errors(monkeypatch):
+    monkeypatch.setenv("UMQ_RUNTIME_ISA", "scalar")
+    layer = UMQLinear.from_packed(packed_weight(8, 32, k=1))
+    layer(torch.randn(2, 32))
+    assert runtime.last_path() == "scalar-gemv"
+    monkeypatch.setenv("UMQ_RUNTIME_ISA", "avx512")
+    with pytest.raises(UMQError) as info:
+        runtime.select_isa()
+    assert info.value.rule == "runtime" and "avx512" in str(info.value)
+    monkeypatch.delenv("UMQ_RUNTIME_ISA")
+    monkeypatch.setenv("UMQ_RUNTIME", "0")
+    assert get_backend("auto").name == "torch"
+    assert layer._backend_for(torch.device("cpu")).name == "torch"
+
+
+def test_codec_dequantize_uses_the_runtime_bit_exactly():
+    packed = packed_weight(300, 256, seed=9, dtype=torch.bfloat16, k=3, lo="fp8_e5m2", block=32)
+    for dtype in (None, torch.float32, torch.float16):
+        fast = dequantize(packed, dtype)
+        assert runtime.last_path().endswith("-decode")
+        reference = dequantize(packed, dtype, fused=False)
+        assert fast.dtype == reference.dtype and torch.equal(fast, reference)
+
+
+def test_real_minilm_weights():
+    """Every linear weight of the real all-MiniLM-L6-v2, packed at the CLI's defaults and
+    at k=1 int8: fused GEMV and prefill against the reference."""
+    tensors = load_file(str(minilm_dir() / "model.safetensors"))
+    names = [n for n, t in tensors.items() if t.dim() == 2 and "embeddings" not in n]
+    assert len(names) == 37
+    gen = torch.Generator().manual_seed(0)
+    for i, name in enumerate(names[::10]):  # attention, intermediate, output, pooler kinds
+        params = QuantParams(k=1, lo="int8") if i % 2 else QuantParams()
+        packed = quantize(tensors[name], params, name=name, fused=False)
+        reference = dequantize(packed, torch.float32, fused=False)
+        for m in (1, 3, 33):
+            x = torch.randn(m, packed.spec.columns, generator=gen)
+            assert_within_bound(runtime.matmul(x, packed), x, reference)
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    """Where the library cannot be built: one RuntimeWarning, the torch path, same values."""
+    code = (
+        "import warnings, torch\n"
+        "from umqcli import runtime\n"
+        "from umqcli.codec import quantize\n"
+        "from umqcli.format import QuantParams\n"
+        "from umqcli.nn import UMQLinear\n"
+        "layer = UMQLinear.from_packed(quantize(torch.randn(8, 32), QuantParams(k=1)))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer(torch.randn(2, 32)); layer(torch.randn(2, 32))\n"
+        "assert not runtime.available() and runtime.last_path() is None\n"
+        "assert layer._backend_for(torch.device('cpu')).name == 'torch'\n"
+        "print(len(caught), caught[0].category.__name__, 'unavailable' in str(caught[0].message))\n"
+    )
+    env = {**__import__("os").environ, "CXX": "no-such-compiler-umq", "UMQ_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "RuntimeWarning", "True"]
+    assert not any(tmp_path.rglob("*.so"))

@@ -1,0 +1,261 @@
+"""Fused CPU decode-matmul for packed weights (the ``cpu`` backend of :class:`UMQLinear`).
+
+The C++ source ``umq_cpu.cpp`` beside this file ships in the wheel and is compiled on
+first use with the system's C++ compiler (``$CXX`` or ``g++``) into
+``${UMQ_CACHE_DIR:-~/.cache/umq}/runtime/``, one shared library per source hash,
+compiler, flags and CPU, then loaded with ctypes. It never materialises the dense weight:
+
+- :func:`matmul` ``x [M, C] -> [M, R]``: for ``M <= GEMV_MAX_ROWS`` every group (mask
+  byte, ``8 + k`` payload bytes, scale) is decoded in registers and multiplied straight
+  into the accumulators, up to 4 activation rows per decode; for larger ``M`` (prefill)
+  rows of the weight are decoded tile by tile into a cache-sized float32 buffer that a
+  torch GEMM multiplies (the decode is then amortised over ``M``).
+- :func:`decode`: the dense decode, bit-exact with :func:`umqcli.codec.dequantize`.
+
+Paths (``isa``): ``"avx2"`` (AVX2 + FMA + F16C: a ``vpshufb`` per group with a
+per-mask-byte table) and ``"scalar"`` (portable C++, the SIMD path's twin). The best one
+the CPU runs is chosen at run time; ``UMQ_RUNTIME_ISA=avx2|scalar`` or the ``isa``
+argument forces one, ``UMQ_RUNTIME=0`` turns the runtime off. Where no compiler works,
+:func:`available` is False, one :class:`RuntimeWarning` says why, and callers use the
+torch decode-then-matmul path. Threads: OpenMP (the runtime torch already loaded),
+``torch.get_num_threads()`` of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..codec import PackedTensor, check_stored_layout
+from ..errors import UMQError
+
+SOURCE = Path(__file__).with_name("umq_cpu.cpp")
+CXX_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+ISAS = ("avx2", "scalar")
+_ISA_CODES = {"scalar": 0, "avx2": 1}
+_LO_CODES = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
+_HI_CODES = {"float16": 0, "bfloat16": 1}
+_OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+GEMV_MAX_ROWS = 16
+"""Largest M served by the in-register GEMV; above, the tiled decode + GEMM."""
+TILE_BYTES = 1 << 20
+"""float32 bytes of one decoded weight tile on the prefill path (about an L2 cache)."""
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_FAILURE: str | None = None
+_last_path: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries live: ``$UMQ_CACHE_DIR/runtime`` (default ``~/.cache/umq``)."""
+    return Path(os.environ.get("UMQ_CACHE_DIR") or Path.home() / ".cache" / "umq").expanduser() / "runtime"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _cpu_key() -> str:
+    """Enough of the CPU's identity that a cache shared between machines stays correct."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(compiler: str) -> Path:
+    """The cached library for this source, compiler, flags and CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), compiler.encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
+                    _cpu_key().encode()])
+    ).hexdigest()[:16]
+    return cache_dir() / f"umq_cpu-{key}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary sibling, then rename: concurrent first uses are safe."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *CXX_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _LIB, _FAILURE
+    if _LIB is not None or _FAILURE is not None:
+        return _LIB
+    with _LOCK:
+        if _LIB is not None or _FAILURE is not None:
+            return _LIB
+        try:
+            compiler = _compiler()
+            if compiler is None:
+                raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
+            target = library_path(compiler)
+            if not target.exists():
+                _build(compiler, target)
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            _FAILURE = str(exc)
+            warnings.warn(
+                f"umq: the fused CPU runtime is unavailable ({_FAILURE}); packed layers decode the "
+                "whole weight on every call instead (slower, same results)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        lib.umq_cpu_features.restype = i32
+        lib.umq_gemv.restype = i32
+        lib.umq_gemv.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32, ptr, i64, i32]
+        lib.umq_decode.restype = i64
+        lib.umq_decode.argtypes = [i32, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32, i64, i64, i32, ptr, i64, i32]
+        _LIB = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the runtime is enabled (``UMQ_RUNTIME`` is not ``0``) and its library
+    compiled and loaded (the first call compiles; a failure warns once)."""
+    return os.environ.get("UMQ_RUNTIME", "1") != "0" and _load() is not None
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The paths this CPU runs, best first (empty when the runtime is unavailable)."""
+    lib = _load()
+    if lib is None:
+        return ()
+    return ("avx2", "scalar") if lib.umq_cpu_features() & 1 else ("scalar",)
+
+
+def select_isa(isa: str | None = None) -> str:
+    """``isa``, else ``$UMQ_RUNTIME_ISA``, else the best supported path; UMQError (rule
+    ``runtime``) for a path this CPU or build cannot run."""
+    wanted = (isa or os.environ.get("UMQ_RUNTIME_ISA") or "auto").lower()
+    supported = supported_isas()
+    if not supported:
+        raise UMQError(f"the fused CPU runtime is unavailable: {_FAILURE}", rule="runtime")
+    if wanted == "auto":
+        return supported[0]
+    if wanted not in supported:
+        raise UMQError(
+            f"runtime path {wanted!r} is not available on this CPU (available: {', '.join(supported)})",
+            rule="runtime",
+        )
+    return wanted
+
+
+def last_path() -> str | None:
+    """``"<isa>-gemv"`` or ``"<isa>-tiled"`` of the latest :func:`matmul`, or the decode's
+    ``"<isa>-decode"`` (what tests check to know the fast path ran)."""
+    return _last_path
+
+
+def _problem(packed: PackedTensor) -> tuple:
+    spec = packed.spec
+    if packed.data.device.type != "cpu":
+        raise UMQError(f"the CPU runtime needs CPU tensors, got {packed.data.device}", rule="runtime")
+    check_stored_layout(packed)
+    data, mask, scale = (t.contiguous() for t in (packed.data, packed.mask, packed.scale))
+    keep = (data, mask, scale)  # the caller holds these while the kernel runs
+    return keep, (data.data_ptr(), mask.data_ptr(), scale.data_ptr(), spec.rows, spec.columns, spec.k,
+                  spec.block, _LO_CODES[spec.lo.value], _HI_CODES[spec.hi.value])
+
+
+def matmul(x: torch.Tensor, packed: PackedTensor, *, isa: str | None = None) -> torch.Tensor:
+    """``x`` float ``[..., C]`` on the CPU -> float32 ``[..., R]``: ``x · Ŵᵀ`` with float32
+    accumulation, ``Ŵ`` the float32 decode (the same values as
+    ``codec.dequantize(packed, torch.float32)``)."""
+    global _last_path
+    chosen = select_isa(isa)
+    lib = _load()
+    spec = packed.spec
+    keep, problem = _problem(packed)
+    rows = x.reshape(-1, spec.columns).to(torch.float32).contiguous()
+    m = rows.shape[0]
+    threads = torch.get_num_threads()
+    if m <= GEMV_MAX_ROWS:
+        out = torch.empty(m, spec.rows, dtype=torch.float32)
+        status = lib.umq_gemv(_ISA_CODES[chosen], rows.data_ptr(), m, spec.columns, *problem, out.data_ptr(),
+                              spec.rows, threads)
+        assert status == 0, "umq_gemv refused a checked problem"
+        _last_path = f"{chosen}-gemv"
+    else:
+        out_t = torch.empty(spec.rows, m, dtype=torch.float32)  # [R, M]: each tile fills a contiguous slice
+        tile_rows = max(8, min(spec.rows, TILE_BYTES // max(1, 4 * spec.columns)))
+        tile = torch.empty(tile_rows, spec.columns, dtype=torch.float32)
+        xt = rows.T
+        for r0 in range(0, spec.rows, tile_rows):
+            r1 = min(spec.rows, r0 + tile_rows)
+            bad = lib.umq_decode(_ISA_CODES[chosen], *problem, r0, r1, 0, tile.data_ptr(), spec.columns, threads)
+            _check_decode(bad, spec)
+            torch.mm(tile[: r1 - r0], xt, out=out_t[r0:r1])
+        out = out_t.T
+        _last_path = f"{chosen}-tiled"
+    del keep
+    return out.reshape(*x.shape[:-1], spec.rows)
+
+
+def _check_decode(bad: int, spec) -> None:
+    assert bad >= 0, "umq_decode refused a checked problem"
+    if bad:
+        raise UMQError(f"{bad} mask byte(s) do not have exactly k={spec.k} bits set", rule="popcount")
+
+
+def decode(packed: PackedTensor, dtype: torch.dtype | None = None, *, isa: str | None = None) -> torch.Tensor:
+    """Dense ``[R, C]`` in ``dtype`` (float32, float16 or bfloat16; default the source
+    dtype): bit-exact with :func:`umqcli.codec.dequantize`. A mask byte whose popcount is
+    not k raises UMQError (rule ``popcount``)."""
+    global _last_path
+    chosen = select_isa(isa)
+    lib = _load()
+    spec = packed.spec
+    target = dtype or spec.torch_dtype
+    if target not in _OUT_CODES:
+        raise UMQError(f"the CPU runtime decodes to float32, float16 or bfloat16, not {target}", rule="runtime")
+    keep, problem = _problem(packed)
+    out = torch.empty(spec.rows, spec.columns, dtype=target)
+    bad = lib.umq_decode(_ISA_CODES[chosen], *problem, 0, spec.rows, _OUT_CODES[target], out.data_ptr(),
+                         spec.columns, torch.get_num_threads())
+    del keep
+    _check_decode(bad, spec)
+    _last_path = f"{chosen}-decode"
+    return out
+
+
+__all__ = [
+    "GEMV_MAX_ROWS",
+    "ISAS",
+    "available",
+    "cache_dir",
+    "decode",
+    "last_path",
+    "matmul",
+    "select_isa",
+    "supported_isas",
+]
