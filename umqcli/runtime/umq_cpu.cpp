@@ -245,12 +245,10 @@ inline RowCursor cursor(const Packed& p, int64_t r) {
   return c;
 }
 
-// y[m, r] (+)= sum over groups [ga, gz) of x[m, c] * W[r, c] for MB activation rows and
-// weight rows [r0, r1), weights decoded in registers. `accumulate`: add to y (a later
-// column chunk) instead of storing.
+// y[m, r] = sum_c x[m, c] * W[r, c] for MB activation rows and weight rows [r0, r1),
+// weights decoded in registers.
 template <int LO, int HI, bool HAS_HI, int MB>
-void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
-                    int64_t ga, int64_t gz, bool accumulate) {
+void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   const int64_t groups_per_block = p.block / 8;
   for (int64_t r = r0; r < r1; ++r) {
     RowCursor rc = cursor(p, r);
@@ -263,11 +261,10 @@ void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, float* y, int6
     for (int m = 0; m < MB; ++m)
       #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
-    for (int64_t b = ga / groups_per_block; b * groups_per_block < gz; ++b) {
+    for (int64_t b = 0; b < p.blocks(); ++b) {
       const float s = sc[b];
       const float folded = s * lo_fold(LO);
-      const int64_t g0 = b * groups_per_block > ga ? b * groups_per_block : ga;
-      const int64_t g1 = (b + 1) * groups_per_block < gz ? (b + 1) * groups_per_block : gz;
+      const int64_t g0 = b * groups_per_block, g1 = g0 + groups_per_block;
       if (!std::isfinite(folded)) {  // e4m3 scale beyond 2^120: exact scalar rule for this block
         alignas(32) float w[8];
         for (int64_t g = g0; g < g1; ++g) {
@@ -308,7 +305,7 @@ void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, float* y, int6
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      y[m * ldy + r] = accumulate ? y[m * ldy + r] + _mm_cvtss_f32(h) : _mm_cvtss_f32(h);
+      y[m * ldy + r] = _mm_cvtss_f32(h);
     }
   }
 }
@@ -332,8 +329,7 @@ void decode_row_avx2(const Packed& p, int64_t r, float* out) {
   }
 }
 
-using GemvFn = void (*)(const Packed&, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        bool);
+using GemvFn = void (*)(const Packed&, const float*, int64_t, float*, int64_t, int64_t, int64_t);
 using DecodeFn = void (*)(const Packed&, int64_t, float*);
 
 template <int LO, int HI, bool HAS_HI>
@@ -441,23 +437,15 @@ int umq_gemv(int isa, const float* x, int64_t M, int64_t ldx, const uint8_t* dat
   }
 #ifdef UMQ_X86
   if (isa == ISA_AVX2 && (umq_cpu_features() & 1)) {
-    // Activation rows in chunks of up to 4 (each chunk decodes every weight once), columns
-    // in chunks whose activations stay in the L1 cache (16 KiB) while the rows stream by.
-    const int64_t block_groups = p.block / 8;
+    // Activation rows in chunks of up to 4: each chunk decodes every weight once. (Column
+    // chunks that keep x in L1 measured slower: the activations stream well from L2.)
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int mb = int(M - m0 < 4 ? M - m0 : 4);
       const GemvFn fn = gemv_avx2(p, mb);
-      int64_t chunk_groups = (int64_t(16384) / (32 * mb));  // groups whose x fits 16 KiB
-      if (block_groups < p.groups()) chunk_groups = (chunk_groups / block_groups + 1) * block_groups;
       const int64_t rows_per_unit = 8;
 #pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t r = 0; r < R; r += rows_per_unit) {
-        const int64_t r1 = r + rows_per_unit < R ? r + rows_per_unit : R;
-        for (int64_t ga = 0; ga < p.groups(); ga += chunk_groups) {
-          const int64_t gz = ga + chunk_groups < p.groups() ? ga + chunk_groups : p.groups();
-          fn(p, x + m0 * ldx, ldx, y + m0 * ldy, ldy, r, r1, ga, gz, ga > 0);
-        }
-      }
+      for (int64_t r = 0; r < R; r += rows_per_unit)
+        fn(p, x + m0 * ldx, ldx, y + m0 * ldy, ldy, r, r + rows_per_unit < R ? r + rows_per_unit : R);
     }
     return 0;
   }
