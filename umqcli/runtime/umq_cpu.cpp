@@ -6,9 +6,10 @@
 // Paths (chosen at run time by the caller, each forceable):
 //   ISA_SCALAR: portable C++, per-element tables; the reference twin of the SIMD path.
 //   ISA_AVX2:   AVX2 + FMA + F16C. One group of 8 weights is one 16-byte load; a
-//               `vpshufb` with a per-mask-byte table (256 entries) places each lo code and
-//               each hi 16-bit pattern into its lane, so a group decodes in ~6 instructions
-//               with no branch on the mask.
+//               `vpshufb` with a per-mask-byte table (256 entries) gathers the lo codes
+//               (then `vpmovsxbd` for int8, a float16 pattern for fp8), another one the hi
+//               16-bit patterns, so a group decodes in ~6 instructions with no branch on
+//               the mask.
 // Every decoded weight equals codec.dequantize's float32 value: lo = decode(q) * scale as
 // one float32 product, hi exact. Only the summation order of the matmul differs.
 
@@ -90,7 +91,7 @@ float hi_value(int hi, uint16_t bits) {
 struct Tables {
   uint8_t offset[256][8];       // byte offset of position i inside a group (FORMAT §3)
   float lo[3][256];             // lo byte -> decode(q)
-  alignas(32) uint8_t lo32[256][32];  // int8 lo: code into the top byte of dword i, 0 elsewhere
+  alignas(16) uint8_t lo8[256][16];   // int8 lo: code into byte i, 0 elsewhere
   alignas(16) uint8_t lo16[256][16];  // fp8 lo: code into the high byte of word i, 0 elsewhere
   alignas(32) uint8_t hi32[256][32];  // bf16 hi: pattern into the top half of dword i
   alignas(16) uint8_t hi16[256][16];  // f16 hi: pattern into word i
@@ -103,7 +104,7 @@ Tables make_tables() {
   std::memset(&t, 0, sizeof t);
   for (int m = 0; m < 256; ++m) {
     int before = 0;
-    std::memset(t.lo32[m], 0x80, 32);
+    std::memset(t.lo8[m], 0x80, 16);
     std::memset(t.lo16[m], 0x80, 16);
     std::memset(t.hi32[m], 0x80, 32);
     std::memset(t.hi16[m], 0x80, 16);
@@ -118,7 +119,7 @@ Tables make_tables() {
         t.hi_lanes[m][i] = 0xFFFFFFFFu;
         ++before;
       } else {
-        t.lo32[m][4 * i + 3] = off;
+        t.lo8[m][i] = off;
         t.lo16[m][2 * i + 1] = off;
       }
     }
@@ -195,11 +196,11 @@ template <int LO, int HI, bool HAS_HI, bool EXACT>
 inline __m256 group_avx2(const uint8_t* src, unsigned m, __m256 sv) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
   __m256i both;
-  if (LO == LO_INT8 || (HAS_HI && HI == HI_BF16)) both = _mm256_broadcastsi128_si256(raw);
+  if (HAS_HI && HI == HI_BF16) both = _mm256_broadcastsi128_si256(raw);
   __m256 lo;
   if (LO == LO_INT8) {
-    const __m256i q = _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.lo32[m])));
-    lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(q, 24));
+    const __m128i q = _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(T.lo8[m])));
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
   } else {
     __m128i h = _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(T.lo16[m])));
     if (LO == LO_E4M3) h = _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(int16_t(0xBF80)));

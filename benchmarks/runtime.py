@@ -1,0 +1,198 @@
+"""The fused CPU runtime (``umqcli.runtime``) against dense and int8 weight-only linears.
+
+Layer table (default): for each ``M x C x R`` shape (tokens x in x out) and each lo format
+(k = 1, one scale per row), times in one run, at 1 and at 2 threads:
+
+- ``fp32``: ``F.linear`` float32 (x float32, W float32);
+- ``bf16``: ``F.linear`` bfloat16 (x, W bfloat16);
+- ``int8 WO``: ``torch._weight_int8pack_mm`` (x bfloat16, W int8 with one bfloat16 scale
+  per row: the same weights, round-to-nearest absmax per row);
+- ``UMQ``: ``UMQLinear`` (backend auto: the fused runtime; x float32; x bfloat16 for the
+  ``UMQ bf16x`` column), weights kept packed;
+
+plus resident weight bytes and the ratios ``speed(UMQ) / speed(baseline)`` (> 1: UMQ is
+faster). Times: best of ``--repeat`` calls after a warm-up (the least disturbed run on a
+shared machine), milliseconds.
+
+End to end (``--e2e``): SmolLM2-135M-Instruct (``examples/smollm2.py``, bfloat16 source)
+as (a) dense float32, (b) int8 weight-only linears (``_weight_int8pack_mm``, bfloat16
+activations) and (c) packed with ``umq pack`` (k = 1, int8 lo, every linear layer) and
+loaded with ``load_hf`` (float32 activations, and bfloat16); greedy generation of
+``--new-tokens`` tokens from one prompt, tokens/s (best of ``--e2e-repeat``), and the
+generated texts side by side.
+
+    python benchmarks/runtime.py [--shapes 1x4096x4096,...] [--threads 1 2] [--repeat 20]
+    python benchmarks/runtime.py --e2e [--new-tokens 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from umqcli import runtime
+from umqcli.codec import quantize
+from umqcli.format import QuantParams
+from umqcli.nn import UMQLinear
+
+from _timing import time_ms
+
+DEFAULT_SHAPES = "1x4096x4096,1x4096x11008,16x4096x4096,512x2048x2048"
+
+
+def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``[R, C]`` and bfloat16 per-row scales for ``torch._weight_int8pack_mm``."""
+    scale = weight.float().abs().amax(1).clamp(min=1e-12) / 127
+    q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with int8 weights (per-row scales) through ``_weight_int8pack_mm``;
+    activations run in bfloat16, the output is cast back to the input dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q, scale = int8_weight_only(linear.weight.detach())
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16), False)
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(rows, self.q, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, runtime path {runtime.select_isa()}, k=1, one scale per row, best of {repeat}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    header = (
+        f"{'M x C x R':>15} {'lo':>8} {'thr':>3} | {'fp32':>8} {'bf16':>8} {'int8 WO':>8} {'UMQ':>8} {'UMQ bf16x':>9} | "
+        f"{'vs fp32':>7} {'vs bf16':>7} {'vs WO':>6} | {'MiB fp32':>8} {'bf16':>6} {'WO':>6} {'UMQ':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    mib = lambda n: f"{n / 2**20:6.1f}"  # noqa: E731
+    for shape in shapes.split(","):
+        m, c, r = (int(v) for v in shape.lower().split("x"))
+        weight = torch.randn(r, c) * 0.02
+        weight[:, ::37] *= 10.0  # a few outlier input channels, as in real weights
+        x = torch.randn(m, c)
+        x_bf16, w_bf16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        q, q_scale = int8_weight_only(weight)
+        for lo in ("int8", "fp8_e4m3"):
+            layer = UMQLinear.from_packed(quantize(weight, QuantParams(k=1, lo=lo)))
+            for n in threads:
+                torch.set_num_threads(n)
+                with torch.inference_mode():
+                    t_fp32 = time_ms(lambda: F.linear(x, weight), repeat)
+                    t_bf16 = time_ms(lambda: F.linear(x_bf16, w_bf16), repeat)
+                    t_wo = time_ms(lambda: torch._weight_int8pack_mm(x_bf16, q, q_scale), repeat)
+                    t_umq = time_ms(lambda: layer(x), repeat)
+                    path = runtime.last_path()
+                    t_umq_bf16 = time_ms(lambda: layer(x_bf16), repeat)
+                print(
+                    f"{shape:>15} {lo:>8} {n:>3} | {t_fp32:8.3f} {t_bf16:8.3f} {t_wo:8.3f} {t_umq:8.3f} {t_umq_bf16:9.3f} | "
+                    f"{t_fp32 / t_umq:6.2f}x {t_bf16 / t_umq:6.2f}x {t_wo / t_umq:5.2f}x | "
+                    f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(r * c + 2 * r)} {mib(layer.weight.nbytes)}  {path}"
+                )
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _examples():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import smollm2
+
+    return smollm2
+
+
+def _generate(model, tokenizer, prompt: str, new_tokens: int, repeat: int) -> tuple[float, str]:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    best, text = float("inf"), ""
+    for _ in range(repeat):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            best = min(best, time.perf_counter() - start)
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return new_tokens / best, text
+
+
+def end_to_end(threads: int, new_tokens: int, repeat: int) -> None:
+    import transformers
+
+    from umqcli.nn import load_hf, weight_memory
+    from umqcli.pack import pack
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    source = _examples().cached_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    prompt = "The three most important things to know about the history of the printing press are"
+    models: dict[str, nn.Module] = {}
+    models["dense fp32"] = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    wo = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    for name, module in list(wo.named_modules()):
+        if type(module) is nn.Linear and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(wo.get_submodule(parent), child, Int8WeightOnlyLinear(module))
+    models["int8 WO (bf16 x)"] = wo
+    with tempfile.TemporaryDirectory() as tmp:
+        packed_dir = Path(tmp) / "smollm2.umq"
+        pack(source, packed_dir, params=QuantParams(k=1, lo="int8"), with_error=False)
+        models["UMQ k=1 int8 (fp32 x)"] = load_hf(packed_dir, dtype=torch.float32)
+        models["UMQ k=1 int8 (bf16 x)"] = load_hf(packed_dir, dtype=torch.bfloat16)
+    print(
+        f"SmolLM2-135M-Instruct, greedy, {new_tokens} new tokens, {threads} thread(s), best of {repeat}, "
+        f"runtime path {runtime.select_isa()}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"prompt: {prompt!r}")
+    results = {}
+    for name, model in models.items():
+        results[name] = _generate(model, tokenizer, prompt, new_tokens, repeat)
+    base_fp32 = results["dense fp32"][0]
+    base_wo = results["int8 WO (bf16 x)"][0]
+    print(f"{'model':>24} | {'tokens/s':>8} | {'vs fp32':>7} | {'vs int8 WO':>10} | {'weights MiB':>11}")
+    for name, (speed, _) in results.items():
+        memory = weight_memory(models[name]).total / 2**20
+        print(f"{name:>24} | {speed:8.2f} | {speed / base_fp32:6.2f}x | {speed / base_wo:9.2f}x | {memory:11.1f}")
+    print()
+    for name, (_, text) in results.items():
+        print(f"{name:>24}: {text!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated MxCxR (tokens x in x out)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--e2e", action="store_true", help="generation with SmolLM2 instead of the layer table")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--e2e-repeat", type=int, default=3)
+    args = parser.parse_args()
+    if args.e2e:
+        end_to_end(max(args.threads), args.new_tokens, args.e2e_repeat)
+    else:
+        layer_table(args.shapes, args.threads, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
