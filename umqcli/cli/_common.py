@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from ..errors import UMQError
 
@@ -22,8 +25,74 @@ EXIT_OK = 0
 EXIT_THRESHOLD = 1  # a check ran and some value is over its limit
 EXIT_INVALID = 2  # invalid input, nothing (or nothing new) written
 
-app = typer.Typer(
+def _click_style(params: list) -> None:
+    """Typer 0.29 labels every option with its Python type (``--force <bool>``,
+    ``--include <list[str]>``) and arguments as ``{src}``; show them as Click tools do:
+    flags bare, repeatable options by their element type, arguments in capitals."""
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if isinstance(param, TyperArgument):
+            param.metavar = (param.name or "").upper()
+        elif isinstance(param, TyperOption):
+            if param.is_flag or param.count:
+                param.metavar = ""
+            elif param.type_descriptor.is_list:
+                param.metavar = param.display_type(None).replace("list[", "").replace("]", "")  # <list[str]> -> <str>
+
+
+def _usage_pieces(command: Any, ctx: Any) -> list[str]:
+    pieces = [command.options_metavar] if command.options_metavar else []
+    for param in command.get_params(ctx):
+        if isinstance(param, TyperArgument):
+            name = param.metavar if param.required else f"[{param.metavar}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        else:
+            pieces.extend(param.get_usage_pieces(ctx))
+    return pieces
+
+
+class UMQCommand(TyperCommand):
+    """A command whose help screen reads like any Click tool's (see :func:`_click_style`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _click_style(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _click_style([option])
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return _usage_pieces(self, ctx)
+
+
+class UMQGroup(TyperGroup):
+    """The ``umq`` group, with the same help-screen conventions as its commands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _click_style(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _click_style([option])
+        return option
+
+
+class _UMQApp(typer.Typer):
+    """Every command registered on ``app`` gets :class:`UMQCommand` unless it names a class."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or UMQCommand, **kwargs)
+
+
+app = _UMQApp(
     name="umq",
+    cls=UMQGroup,
     help="Unstructured mixture quantization for safetensors checkpoints: in every group "
     "of 8 weights, k stay 16-bit and the rest go 8-bit with a shared scale.",
     no_args_is_help=True,
@@ -32,8 +101,25 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
 )
 
-console = Console()
-err_console = Console(stderr=True)
+def _make_console(*, stderr: bool = False) -> Console:
+    made = Console(stderr=stderr)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        # Piped or redirected: rich would cut tables at 80 columns ("encoder.lay…"), and a
+        # cut tensor name cannot be recovered from a log; a file or a pager can wrap.
+        made.width = PIPED_WIDTH
+    return made
+
+
+PIPED_WIDTH = 240
+console = _make_console()
+err_console = _make_console(stderr=True)
+
+
+def progress_bar(*columns: Any) -> Progress:
+    """The progress bar every command uses: on stderr, gone when done, and off when
+    stderr is not a terminal, so piped output and logs hold no bar remnants (no blank
+    line before an error)."""
+    return Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,7 +170,23 @@ def print_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
+def version_line() -> str:
+    from .. import __version__
+    from ..format import FORMAT_VERSION
+
+    return f"umq {__version__} (FORMAT v{FORMAT_VERSION})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(version_line(), highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the umq version and the FORMAT version, then exit.")] = False,
+) -> None:
     """Unstructured mixture quantization for safetensors checkpoints: in every group of 8
     weights, k stay 16-bit and the rest go 8-bit with a shared scale."""

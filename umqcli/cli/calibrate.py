@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..calibrate import CalibrationResult, CandidateSpace, calibrate
 from ..errors import UMQError
-from ._common import app, console, err_console, error_boundary, print_json
+from ._common import app, console, error_boundary, print_json, progress_bar
 
 _DEFAULT_CANDIDATES = "k=0-8,lo=fp8_e4m3+int8,block=row+32+128,selection=magnitude+activation"
 
@@ -27,7 +27,9 @@ def calibrate_command(
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Reuse statistics from an earlier run instead of running the model.")] = None,
     budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", help="Average stored bits per element (payload + mask + scale) over the packed tensors.")] = None,
     max_rel_error: Annotated[Optional[float], typer.Option("--max-rel-error", help="Per tensor, the cheapest configuration whose predicted relative output error is at most this.")] = None,
-    candidates: Annotated[str, typer.Option("--candidates", help="Configurations to try: k=..,lo=..,block=..,selection=.. ('+' separates values, k accepts ranges).")] = _DEFAULT_CANDIDATES,
+    candidates: Annotated[str, typer.Option("--candidates", show_default=False, help="Configurations to try: k=.., lo=.., block=.., selection=.. (comma-separated; '+' separates "
+                                                                  "values, k accepts ranges). "
+                                                                  f"[default: {_DEFAULT_CANDIDATES.replace(',', ', ').replace('=', ' = ')}]")] = _DEFAULT_CANDIDATES,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration sequences.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per sequence (special tokens included).")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 8,
@@ -67,9 +69,8 @@ def calibrate_command(
         result = calibrate(model, **options)
         print_json(summary_json(result))
         return
-    progress = Progress(
+    progress = progress_bar(
         TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
     )
     with progress:
         tasks: dict[str, int] = {}

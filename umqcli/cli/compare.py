@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..compare import CompareReport, compare_checkpoint, plot_report
 from ..errors import UMQError
-from ._common import app, console, err_console, error_boundary, fail, print_json
+from ._common import app, console, error_boundary, fail, print_json, progress_bar
 
 
 @app.command("compare")
@@ -67,14 +67,8 @@ def compare_command(
             weight_rows=weight_rows, seed=seed, workers=workers,
         )
     else:
-        with Progress(
-            TextColumn("[bold]compare"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("tensors"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
+        with progress_bar(
+            TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
         ) as bar:
             task = bar.add_task("", total=None)
 

@@ -7,27 +7,27 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from ..format import LoFormat, Method, QuantParams, ScaleRule, Selection
 from ..pack import PackProgress, PackSummary, pack
 from ..recipe import Recipe
-from ._common import app, console, err_console, error_boundary, human_bytes, print_json
+from ._common import app, console, error_boundary, human_bytes, print_json, progress_bar
 
 
 @app.command("pack")
 @error_boundary
 def pack_command(
     src: Annotated[Path, typer.Argument(help="A .safetensors file or a Hugging Face model directory.")],
-    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output file/directory (default: SRC with a .umq suffix).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Hi (16-bit) elements per group of 8, 0..8 (default: 1).")] = None,
-    lo: Annotated[Optional[LoFormat], typer.Option("--lo", help="8-bit encoding of the other 8-k (default: fp8_e4m3).")] = None,
-    hi: Annotated[Optional[str], typer.Option("--hi", help="16-bit encoding: auto, float16 or bfloat16 (default: auto = source dtype; float16 for float32 unless a hi value overflows).")] = None,
-    block: Annotated[Optional[int], typer.Option("--block", help="Columns per lo scale, a multiple of 8; 0 = one scale per row (default: 0).")] = None,
-    select: Annotated[Optional[Selection], typer.Option("--select", help="How hi positions are chosen (default: magnitude).")] = None,
-    method: Annotated[Optional[Method], typer.Option("--method", help="How lo values are rounded: rtn (to nearest, default) or gptq (error feedback through the input Hessian; needs --stats from `umq calibrate --hessian`).")] = None,
-    scale_rule: Annotated[Optional[ScaleRule], typer.Option("--scale-rule", help="How lo scales are chosen: absmax (default), clip or clip-hessian (clip-ratio search per block).")] = None,
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output file/directory [default: SRC with a .umq suffix]")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Hi (16-bit) elements per group of 8, 0..8 [default: 1]")] = None,
+    lo: Annotated[Optional[LoFormat], typer.Option("--lo", help="8-bit encoding of the other 8-k [default: fp8_e4m3]")] = None,
+    hi: Annotated[Optional[str], typer.Option("--hi", help="16-bit encoding: auto, float16 or bfloat16 [default: auto = source dtype; float16 for float32 unless a hi value overflows]")] = None,
+    block: Annotated[Optional[int], typer.Option("--block", help="Columns per lo scale, a multiple of 8; 0 = one scale per row [default: 0]")] = None,
+    select: Annotated[Optional[Selection], typer.Option("--select", help="How hi positions are chosen [default: magnitude]")] = None,
+    method: Annotated[Optional[Method], typer.Option("--method", help="How lo values are rounded: rtn (to nearest) or gptq (error feedback through the input Hessian; needs --stats from `umq calibrate --hessian`) [default: rtn]")] = None,
+    scale_rule: Annotated[Optional[ScaleRule], typer.Option("--scale-rule", help="How lo scales are chosen: absmax, clip or clip-hessian (clip-ratio search per block) [default: absmax]")] = None,
     recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="Per-tensor parameters from `umq calibrate` (flags set the defaults for tensors it does not name).")] = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Activation statistics from `umq calibrate` (needed by --select activation and --method gptq).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only pack tensors matching this glob or re:regex (repeatable; lifts the default exclusions).")] = None,
@@ -61,15 +61,13 @@ def pack_command(
         print_json(summary.to_json())
         return
 
-    progress = Progress(
+    progress = progress_bar(
         TextColumn("[bold]{task.fields[tensors]}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.description}", style="dim"),
-        console=err_console,
-        transient=True,
     )
     with progress:
         task = progress.add_task("", total=None, tensors="")
@@ -112,8 +110,9 @@ def render_summary(summary: PackSummary) -> None:
                   human_bytes(sum(t.bytes_out for t in passed)), "unchanged", "-")
     ratio = summary.bytes_out / summary.bytes_in if summary.bytes_in else 0.0
     table.add_row("[bold]total", str(len(summary.tensors)), human_bytes(summary.bytes_in), human_bytes(summary.bytes_out),
-                  f"{ratio:.1%} of input", f"{summary.seconds:.1f} s, {summary.throughput_mb_s:.0f} MB/s")
+                  f"{ratio:.1%} of input", "")
     console.print(table)
+    console.print(f"{summary.seconds:.1f} s, {summary.throughput_mb_s:.0f} MB/s of input", highlight=False)
     if passed:
         reasons: dict[str, list[str]] = defaultdict(list)
         for item in passed:

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from ..unpack import DTYPE_CHOICES, unpack
-from ._common import app, console, err_console, error_boundary, fail, print_json
+from ._common import app, console, error_boundary, fail, print_json, progress_bar
 
 
 @app.command("unpack")
@@ -38,15 +38,9 @@ def unpack_command(
         report = unpack(packed, out, dtype=dtype, force=force)
         print_json(report.to_json())
         return
-    with Progress(
-        TextColumn("[bold]unpack"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tensors"),
-        TextColumn("{task.fields[written]}"),
-        TextColumn("{task.description}"),
-        console=err_console,
-        transient=True,
+    with progress_bar(
+        TextColumn("[bold]unpack"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+        TextColumn("{task.fields[written]}"), TextColumn("{task.description}"),
     ) as bar:
         task = bar.add_task("", total=None, written="")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..io import atomic_output
@@ -15,7 +15,7 @@ from ..errors import UMQError
 from ..verify import (
     DEFAULT_MAX_REL_ERROR, DEFAULT_ROWS, DEFAULT_SEED, VerifyReport, junit_error_xml, junit_xml, verify,
 )
-from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, err_console, error_boundary, print_json
+from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, error_boundary, print_json, progress_bar
 
 
 class BackendChoice(str, Enum):
@@ -73,9 +73,9 @@ def _run(packed: Path, options: dict, as_json: bool) -> VerifyReport:
     """verify(), with a progress bar on stderr unless the output is JSON."""
     if as_json:
         return verify(packed, **options)
-    progress = Progress(
+    progress = progress_bar(
         TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}", style="dim"), console=err_console, transient=True,
+        TextColumn("{task.description}", style="dim"),
     )
     with progress:
         task = progress.add_task("integrity", total=None)

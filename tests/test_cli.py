@@ -1,0 +1,84 @@
+"""The command line as a user meets it: help screens, --version, and output that goes
+to a pipe or a log rather than a terminal."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from umqcli.cli import app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO_ROOT / "examples" / "minilm_layer0.safetensors"
+COMMANDS = ("pack", "inspect", "verify", "unpack", "compare", "calibrate", "version")
+
+runner = CliRunner()
+
+
+def _umq(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``umq ARGS`` in a child process whose stdout and stderr are pipes (not a TTY)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("COLUMNS", None)
+    code = "import sys; from umqcli.cli import main; sys.argv[0] = 'umq'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_version_option_and_command_agree() -> None:
+    option = runner.invoke(app, ["--version"])
+    command = runner.invoke(app, ["version"])
+    assert option.exit_code == 0 and command.exit_code == 0
+    assert re.fullmatch(r"umq \d+\.\d+\.\d+ \(FORMAT v1\)\n", option.output)
+    assert option.output == command.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_screens_look_like_click(command: str) -> None:
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert "<bool>" not in text  # flags take no value
+    assert "list[" not in text  # repeatable options show their element type
+    assert "…" not in text  # nothing cut off
+    usage = re.search(r"Usage: umq (\S+) (.*)", text)
+    assert usage and usage.group(1) == command
+    assert "{" not in usage.group(2) and usage.group(2).strip() == usage.group(2).strip().upper(), usage.group(0)
+    assert "(default:" not in text  # one style for defaults: [default: ...]
+
+
+def test_help_shows_flags_bare_and_pack_defaults_bracketed() -> None:
+    text = runner.invoke(app, ["pack", "--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--force\s+Replace an existing output", text)
+    assert re.search(r"--help\s+Show this message and exit", text)
+    assert re.search(r"--include\s+<str>", text)
+    assert "Usage: umq pack [OPTIONS] SRC" in text
+    assert "[default: 1]" in text and "[default: fp8_e4m3]" in text
+    root = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--version\s+Print the umq version", root)
+
+
+def test_calibrate_help_shows_the_whole_candidates_default() -> None:
+    text = runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "80"}).output
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+    assert "[default: k = 0-8, lo = fp8_e4m3+int8, block = row+32+128, selection = magnitude+activation]" in flat
+
+
+def test_piped_output_has_no_bar_remnants_and_full_names(tmp_path: Path) -> None:
+    src = tmp_path / "layer0.safetensors"
+    shutil.copyfile(EXAMPLE, src)
+    first = _umq("pack", str(src), "-o", "out.safetensors", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""  # no progress bar written to a pipe
+    assert "encoder.layer.0.attention.self.value.weight" in first.stdout  # not cut at 80 columns
+    assert "…" not in first.stdout
+    again = _umq("pack", str(src), "-o", "out.safetensors", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.startswith("error: out.safetensors: exists; pass --force"), repr(again.stderr)
+    assert again.stderr.count("\n") == 1 and again.stdout == ""
