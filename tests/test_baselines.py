@@ -11,6 +11,7 @@ import torch
 
 from umqcli.baselines import (
     BASELINES,
+    bitsandbytes_functional,
     fake_quant_fp8_blocks,
     fake_quant_fp8_channel,
     fake_quant_int8_channel,
@@ -134,7 +135,7 @@ def test_mxfp8_scale_rule_by_hand():
 
 
 def test_int8_channel_matches_bitsandbytes():
-    import bitsandbytes.functional as bnbf
+    bnbf = bitsandbytes_functional()
 
     w = _weight().to(torch.float16)
     w[5, 0] = 1.0  # bitsandbytes turns all-zero rows into NaN codes; compare real rows
@@ -151,8 +152,6 @@ def test_int8_channel_matches_bitsandbytes():
 
 
 def test_int8_group_matches_bitsandbytes_per_group():
-    from umqcli.baselines import bitsandbytes_functional
-
     bnbf = bitsandbytes_functional()
     w = _weight(rows=16, cols=128).to(torch.float16)
     w[5, :32] = 1.0  # no all-zero group (bitsandbytes makes those NaN)
@@ -175,7 +174,7 @@ def test_int8_channel_zero_row_is_zero():
 
 
 def test_llm_int8_outlier_columns_match_bitsandbytes_decomposition():
-    import bitsandbytes.functional as bnbf
+    bnbf = bitsandbytes_functional()
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 256, generator=g)
@@ -239,7 +238,7 @@ def test_int4_group_symmetric(group):
 
 
 def test_nf4_is_bitsandbytes_nearest_code():
-    import bitsandbytes.functional as bnbf
+    bnbf = bitsandbytes_functional()
 
     w = _weight(rows=32, cols=192)
     out = get_baseline("nf4-b64").quantize_dequantize(w)
@@ -284,7 +283,7 @@ def test_bits_accounting():
 
 
 def test_bnb_nf4_storage_matches_accounting():
-    import bitsandbytes.functional as bnbf
+    bnbf = bitsandbytes_functional()
 
     w = _weight(rows=32, cols=192)
     packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4")

@@ -82,3 +82,26 @@ def test_piped_output_has_no_bar_remnants_and_full_names(tmp_path: Path) -> None
     assert again.returncode == 2
     assert again.stderr.startswith("error: out.safetensors: exists; pass --force"), repr(again.stderr)
     assert again.stderr.count("\n") == 1 and again.stdout == ""
+
+
+def test_packaging_ships_every_package_and_kernel_source() -> None:
+    import fnmatch
+    import tomllib
+
+    from setuptools import find_namespace_packages
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert isinstance(config["project"]["license"], str)  # SPDX expression, not the deprecated table
+    assert all((REPO_ROOT / f).is_file() for f in config["project"]["license-files"])
+    find = config["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_namespace_packages(where=str(REPO_ROOT), include=find["include"]))
+    on_disk = {str(d.relative_to(REPO_ROOT)).replace("/", ".") for d in (REPO_ROOT / "umqcli").rglob("*")
+               if d.is_dir() and d.name != "__pycache__" and any(d.iterdir())}
+    assert on_disk | {"umqcli"} <= found
+    package_data = config["tool"]["setuptools"]["package-data"]["umqcli.kernels"]
+    kernel_files = [p.name for p in (REPO_ROOT / "umqcli" / "kernels").iterdir()]
+    assert {"host_shim.cpp", "host_shim.h", "umq_common.cuh", "umq_decode.cu"} <= set(kernel_files)
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in package_data) for name in kernel_files)
+    runtime_sources = [p.name for p in (REPO_ROOT / "umqcli" / "runtime").glob("*.cpp")]
+    assert runtime_sources and all(any(fnmatch.fnmatch(n, p) for p in config["tool"]["setuptools"]["package-data"]
+                                       ["umqcli.runtime"]) for n in runtime_sources)

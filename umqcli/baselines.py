@@ -60,12 +60,19 @@ def bitsandbytes_functional():
     optional hub kernel for 4-bit *matmuls* (``gemm_4bit_forward``), which nothing here
     uses: quantize/dequantize run on bitsandbytes' own CPU ops either way."""
     import logging
+    import warnings
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        bnbf = require("bitsandbytes.functional", extra="baselines", purpose="the NF4 and LLM.int8() baselines")
+        with warnings.catch_warnings():
+            # bitsandbytes wraps its default ops in torch.compile at import time, which
+            # imports torch.utils.mkldnn: torch's own module still decorates with the
+            # torch.jit.script_method it deprecates (14 warnings, none about our code).
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                    category=DeprecationWarning)
+            bnbf = require("bitsandbytes.functional", extra="baselines", purpose="the NF4 and LLM.int8() baselines")
     finally:
         logger.setLevel(level)
     return bnbf
