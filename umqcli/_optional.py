@@ -3,9 +3,11 @@ install (a UMQError, so the CLI prints one line and exits 2 instead of a traceba
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 from types import ModuleType
+from typing import Iterator
 
 from .errors import UMQError
 
@@ -50,3 +52,19 @@ def require_cupy(purpose: str) -> ModuleType:
         found = f"; {installed} is installed but does not import ({exc})" if installed else ""
         choices = " or ".join(f"'umq[{extra}]' ({package})" for extra, package in CUPY_EXTRAS.items())
         raise UMQError(f"{purpose} needs CuPy: pip install {choices}{found}", rule="missing-dependency") from None
+
+
+@contextlib.contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """transformers with its own progress bars ("Loading weights", "Writing model
+    shards") off: the library prints nothing; the CLI draws its own bar. Restores the
+    previous setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .codec import PackedTensor, quantize
-from ._optional import require
+from ._optional import require, transformers_quiet
 from .errors import UMQError
 from .format import (
     DATA_SUFFIX,
@@ -410,6 +410,9 @@ def weight_memory(model: nn.Module) -> WeightMemory:
 
 def _read_quantization_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
+    if not path.exists():
+        raise UMQError("does not exist (load_hf reads a model directory written by umq pack)",
+                       rule="missing", file=path)
     if not config_file.is_file():
         raise UMQError("not a model directory: config.json is missing", rule="hf-config", file=path)
     try:
@@ -608,7 +611,8 @@ def load_hf(
         model_class = getattr(transformers, architectures[0], None) if architectures else None
         model_class = model_class or transformers.AutoModel
     try:
-        model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
+        with transformers_quiet():
+            model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
     except UMQError as exc:
         raise exc.located(file=path)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, _safetensors_error()) as exc:
