@@ -105,3 +105,15 @@ def test_packaging_ships_every_package_and_kernel_source() -> None:
     runtime_sources = [p.name for p in (REPO_ROOT / "umqcli" / "runtime").glob("*.cpp")]
     assert runtime_sources and all(any(fnmatch.fnmatch(n, p) for p in config["tool"]["setuptools"]["package-data"]
                                        ["umqcli.runtime"]) for n in runtime_sources)
+
+
+@pytest.mark.parametrize("args", [["inspect"], ["inspect", "--check"], ["verify"], ["unpack", "-o", "dense.safetensors"]],
+                         ids=["inspect", "inspect-check", "verify", "unpack"])
+def test_every_reader_refuses_an_unpacked_file_the_same_way(args: list[str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, [args[0], str(EXAMPLE), *args[1:]])
+    assert res.exit_code == 2
+    assert res.stderr == (f"error: {EXAMPLE}: not a packed checkpoint: no quantized tensor (umq.tensors is empty or "
+                          "missing) [rule: not-packed]\n")
+    assert not (tmp_path / "dense.safetensors").exists()

@@ -177,4 +177,6 @@ def test_cli_errors(tmp_path: Path) -> None:
     plain = tmp_path / "plain.safetensors"
     save_file({"a": torch.zeros(8, 8)}, str(plain))
     result = runner.invoke(app, ["inspect", str(plain)])
-    assert result.exit_code == 0 and "not a packed checkpoint" in result.stdout
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: {plain}: not a packed checkpoint: no quantized tensor (umq.tensors is empty " \
+                            "or missing) [rule: not-packed]\n"

@@ -178,6 +178,7 @@ def inspect_checkpoint(path: str | Path, *, tensor: str | None = None, heat_shap
     """Report every quantized tensor of a packed file or directory (or those whose name
     matches ``tensor``, a name or glob). Reads only headers and mask bytes."""
     with open_checkpoint(path) as ckpt:
+        ckpt.require_packed()
         names = list(ckpt.specs)
         if tensor is not None:
             names = [n for n in names if n == tensor or fnmatch.fnmatchcase(n, tensor)]
@@ -234,6 +235,7 @@ def check_checkpoint(path: str | Path, *, progress: Callable[[int, int, str], No
     tensors that no ``umq.tensors`` entry claims (rule ``orphan``).
     """
     with open_checkpoint(path) as ckpt:  # header, index, version, spec, stored-shape and orphan rules
+        ckpt.require_packed()
         names = list(ckpt.specs)
         checked_bytes = 0
         for i, name in enumerate(names):

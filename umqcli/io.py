@@ -329,6 +329,14 @@ class Checkpoint:
                 self.spec_files[name] = f
         self._check_stored_parts()
 
+    def require_packed(self) -> None:
+        """Raise ``UMQError`` (rule ``not-packed``) when no header lists a quantized
+        tensor: the one test every reader of packed checkpoints (inspect, verify, unpack)
+        applies, so a plain checkpoint is refused the same way everywhere."""
+        if not self.specs:
+            raise UMQError("not a packed checkpoint: no quantized tensor (umq.tensors is empty or missing)",
+                           rule="not-packed", file=self.path)
+
     # -- construction helpers
     def _resolve_dir(self) -> list[Path]:
         index_path = self.path / INDEX_NAME

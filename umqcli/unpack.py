@@ -125,12 +125,7 @@ def unpack(
         raise UMQError(f"unknown dtype {dtype!r} (one of: {', '.join(DTYPE_CHOICES)})", rule="dtype")
     src, out = Path(src), Path(out)
     with open_checkpoint(src) as checkpoint:
-        if not any(META_VERSION in h.metadata for h in checkpoint.headers.values()):
-            raise UMQError(
-                "not a packed checkpoint (no umq.version in any header); nothing to unpack",
-                rule="not-packed",
-                file=src,
-            )
+        checkpoint.require_packed()
         check_output_path(src, out, force=force)
         report = UnpackReport(src=str(src), out=str(out), dtype=dtype)
         counter = _Counter(progress, len(checkpoint.passthrough_names()) + len(checkpoint.specs))

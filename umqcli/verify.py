@@ -353,9 +353,7 @@ def verify(
 
     packed_path = Path(packed_path)
     with open_checkpoint(packed_path) as checkpoint:
-        if not checkpoint.specs:
-            raise UMQError("no quantized tensor (umq.tensors is empty or missing): not a umq checkpoint",
-                           rule="not-packed", file=packed_path)
+        checkpoint.require_packed()
         names = select_names(checkpoint.specs, tensors)
         integrity = ["format", "crc32"]
         ref_ckpt = open_checkpoint(reference) if reference is not None else None

@@ -141,9 +141,6 @@ def inspect_command(
         console.print(f"[green]check ok[/]: {check_report.tensors_checked} quantized tensor(s) in "
                       f"{check_report.files} file(s): every FORMAT v1 rule and crc32 holds "
                       f"({human_bytes(check_report.bytes_checked)} verified)", highlight=False)
-    if not report.tensors:
-        console.print("no umq tensors: this is not a packed checkpoint", highlight=False)
-        return
     render_table(report)
     if tensor is not None:
         for t in report.tensors:
