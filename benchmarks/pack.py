@@ -19,6 +19,14 @@ in its own subprocess (so peak RSS is that method's alone: ``VmHWM``, see ``peak
 Throughput is source bytes / wall seconds. Prints a table; deletes the data afterwards.
 The targets (issue 3): pack >= 1.0x the fp8 pipeline; peak RSS <= 3 x largest tensor +
 400 MB.
+
+    python benchmarks/pack.py --cli [--repeat 3] [--keep DIR]
+
+The user's view (issue 15): a 1 GiB float16 file (16 tensors of 4096 x 8192) packed by the
+``umq pack SRC -o OUT`` command (k = 1, fp8_e4m3, its defaults) against a plain torch
+script doing per-row FP8 (read with ``load_file``, cast, ``save_file``), each a fresh
+process timed from start to exit (imports included), alternating, best of ``--repeat``.
+Target: umq >= 1.0x the script's throughput.
 """
 
 from __future__ import annotations
@@ -113,6 +121,74 @@ def run_method(method: str, src: Path, out: Path) -> dict:
     return {"seconds": seconds, "max_rss": peak_rss(), "out_bytes": out_bytes}
 
 
+# The plain per-row FP8 pipeline a user would write instead of umq (--cli).
+FP8_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+
+result = {}
+for name, tensor in load_file(sys.argv[1]).items():
+    w = tensor.float()
+    scale = w.abs().amax(1, keepdim=True).div_(448.0)
+    result[name + ".fp8"] = (w / scale.clamp_min(1e-30)).clamp_(-448, 448).to(torch.float8_e4m3fn)
+    result[name + ".scale"] = scale
+save_file(result, sys.argv[2], metadata={"format": "pt"})
+"""
+
+
+def generate_file(path: Path, tensors: int = 16, rows: int = 4096, cols: int = 8192) -> int:
+    """One float16 .safetensors file of ``tensors`` weights (1 GiB by default)."""
+    from umqcli.io import SafetensorsWriter
+
+    gen = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.weight" for i in range(tensors)]
+    writer = SafetensorsWriter(path, [(n, torch.float16, (rows, cols)) for n in names], metadata_reserve={"format": "pt"})
+    with writer:
+        for name in names:
+            w = torch.randn(rows, cols, generator=gen).mul_(0.02)
+            w[:, torch.randperm(cols, generator=gen)[: cols // 64]] *= 20.0  # outlier input channels
+            writer.write(name, w.to(torch.float16))
+        writer.close({"format": "pt"})
+    return tensors * rows * cols * 2
+
+
+def run_cli(work: Path, repeat: int) -> None:
+    """``umq pack`` as a command vs the plain FP8 script, process start included."""
+    src = work / "weights.safetensors"
+    if not src.exists():
+        generate_file(src)
+    size = src.stat().st_size
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    commands = {
+        "fp8 script": [sys.executable, "-c", FP8_SCRIPT, str(src), str(work / "fp8.safetensors")],
+        "umq pack": [sys.executable, "-c", "import sys; from umqcli.cli import main; sys.argv[0] = 'umq'; main()",
+                     "pack", str(src), "-o", str(work / "umq.safetensors"), "--force"],
+    }
+    print(f"source: {size / 2**30:.2f} GiB float16, 16 x 4096 x 8192; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    best: dict[str, float] = {}
+    for attempt in range(repeat):
+        for label, command in commands.items():
+            with open(src, "rb") as fh:  # same start for both: the source in the page cache
+                while fh.read(1 << 26):
+                    pass
+            started = time.perf_counter()
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - started
+            best[label] = min(best.get(label, seconds), seconds)
+            print(f"  run {attempt + 1} {label:<10} {seconds:6.2f} s", flush=True)
+    (work / "fp8.safetensors").unlink(missing_ok=True)
+    (work / "umq.safetensors").unlink(missing_ok=True)
+    base = best["fp8 script"]
+    print()
+    print("| process (start to exit) | best seconds | MB/s | vs fp8 script |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, seconds in best.items():
+        print(f"| {label} | {seconds:.2f} | {size / 1e6 / seconds:.0f} | {base / seconds:.2f}x |")
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes since it exec'd.
 
@@ -137,6 +213,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--keep", type=Path, help="use/keep the generated model here instead of a temp dir")
+    parser.add_argument("--cli", action="store_true", help="umq pack (the command) vs a plain FP8 script on 1 GiB")
+    parser.add_argument("--repeat", type=int, default=3, help="--cli: runs of each, the best counts")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "SRC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,6 +228,14 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="umq-bench-pack-")) if args.keep is None else args.keep
+    if args.cli:
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            run_cli(work, args.repeat)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         model = work / "model"
         started = time.perf_counter()

@@ -775,3 +775,27 @@ def test_fused_pass_first_use_from_threads_in_a_fresh_process() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("lo", list(LoFormat), ids=lambda lo: lo.value)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_fused_k1_scan_matches_reference_with_ties(lo: LoFormat, dtype: torch.dtype) -> None:
+    """k = 1 has its own one-scan selection in the fused pass (the first of the largest
+    magnitudes is hi, the scale comes from the largest of the other seven): equal to the
+    reference's ranks byte for byte where ties abound (small integers, all-zero rows and
+    groups, equal magnitudes of opposite sign) and on heavy tails, per row and per block."""
+    gen = torch.Generator().manual_seed(3)
+    ties = torch.randint(-3, 4, (256, 256), generator=gen).to(torch.float32) * 0.25
+    ties[5] = 0.0
+    ties[7, :64] = 0.0
+    ties[9] = torch.tensor([1.0, -1.0] * 128)
+    for weight in (ties.to(dtype), heavy_tailed(256, 256, 11, dtype)):
+        assert weight.numel() >= codec.FUSED_MIN_ELEMENTS
+        for block in (0, 8, 64):
+            params = QuantParams(k=1, lo=lo, block=block)
+            fused = codec.quantize(weight, params, fused=True)
+            reference = codec.quantize(weight, params, fused=False)
+            assert fused.spec == reference.spec
+            for ours, theirs in ((fused.data, reference.data), (fused.mask, reference.mask),
+                                 (fused.scale, reference.scale)):
+                assert raw_bytes(ours) == raw_bytes(theirs)

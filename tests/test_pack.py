@@ -123,7 +123,9 @@ def test_minilm_roundtrip(minilm_packed) -> None:
             assert result.rel_error == pytest.approx(error, rel=1e-5)
             assert result.error_rows == source[name].shape[0]  # small tensors: every row
             worst = max(worst, error)
-        assert summary.error_worst.rel_error == pytest.approx(worst, rel=1e-6)
+        # The same bound as each tensor's above: pack sums in float32 (BLAS dot, whose
+        # blocking follows the thread count), the test in float64.
+        assert summary.error_worst.rel_error == pytest.approx(worst, rel=1e-5)
         # Slab-wise packing gives exactly the bytes of one whole-tensor quantize.
         for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.weight"):
             whole = quantize(source[name], QuantParams(k=1))

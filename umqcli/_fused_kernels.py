@@ -141,22 +141,41 @@ def _pack_row(values, absv, hi_row, check_hi, k, block, lo, hi_kind, codes, buf,
     # beat it, where j beats i when |w_j| > |w_i|, or |w_j| == |w_i| and j < i. The
     # ranks are a permutation of 0..7, so the largest lo magnitude of the group is
     # the one of rank k (none when k == 8).
-    for g in range(groups):
-        base = np.uint64(g * 8)
-        byte = 0
-        lo_max = np.float32(0.0)
-        for i in range(8):
-            a_i = absv[base + np.uint64(i)]
-            rank = 0
-            for j in range(8):
-                a_j = absv[base + np.uint64(j)]
-                rank += (a_j > a_i) | ((a_j == a_i) & (j < i))
-            byte |= np.int64(rank < k) << i
-            lo_max += a_i * np.float32(rank == k)  # adds one value and seven zeros
-        mask_row[g] = byte
-        b = (g * 8) // block
-        if lo_max > amax[b]:
-            amax[b] = lo_max
+    if k == 1:
+        # The common case in one scan: the hi element is the first of the largest, the
+        # largest lo magnitude the largest of the other seven (same result as the ranks).
+        for g in range(groups):
+            base = np.uint64(g * 8)
+            top = absv[base]
+            second = np.float32(0.0)
+            where = 0
+            for i in range(1, 8):
+                a_i = absv[base + np.uint64(i)]
+                above = a_i > top
+                second = max(second, min(a_i, top))
+                top = max(top, a_i)
+                where = i if above else where
+            mask_row[g] = 1 << where
+            b = (g * 8) // block
+            if second > amax[b]:
+                amax[b] = second
+    else:
+        for g in range(groups):
+            base = np.uint64(g * 8)
+            byte = 0
+            lo_max = np.float32(0.0)
+            for i in range(8):
+                a_i = absv[base + np.uint64(i)]
+                rank = 0
+                for j in range(8):
+                    a_j = absv[base + np.uint64(j)]
+                    rank += (a_j > a_i) | ((a_j == a_i) & (j < i))
+                byte |= np.int64(rank < k) << i
+                lo_max += a_i * np.float32(rank == k)  # adds one value and seven zeros
+            mask_row[g] = byte
+            b = (g * 8) // block
+            if lo_max > amax[b]:
+                amax[b] = lo_max
     if check_hi:  # hi patterns converted from another dtype may overflow it
         hi_exp = 0x7C00 if hi_kind == 0 else 0x7F80
         for g in range(groups):
