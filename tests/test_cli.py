@@ -80,8 +80,8 @@ def test_piped_output_has_no_bar_remnants_and_full_names(tmp_path: Path) -> None
     assert "…" not in first.stdout
     again = _umq("pack", str(src), "-o", "out.safetensors", cwd=tmp_path)
     assert again.returncode == 2
-    assert again.stderr.startswith("error: out.safetensors: exists; pass --force"), repr(again.stderr)
-    assert again.stderr.count("\n") == 1 and again.stdout == ""
+    assert again.stderr == "error: out.safetensors: exists (pass --force to replace it) [rule: out-exists]\n"
+    assert again.stdout == ""
 
 
 def test_packaging_ships_every_package_and_kernel_source() -> None:
@@ -117,3 +117,49 @@ def test_every_reader_refuses_an_unpacked_file_the_same_way(args: list[str], tmp
     assert res.stderr == (f"error: {EXAMPLE}: not a packed checkpoint: no quantized tensor (umq.tensors is empty or "
                           "missing) [rule: not-packed]\n")
     assert not (tmp_path / "dense.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["pack", "{src}", "--k", "9"], "error: {src}: k must be an integer in 0..8, got 9 [rule: k]\n"),
+        (["pack", "{src}", "--hi", "float8"],
+         "error: {src}: unknown hi 'float8' (one of: auto, float16, bfloat16) [rule: hi]\n"),
+        (["pack", "{src}", "--select", "activation"],
+         "error: {src}: tensor 'encoder.layer.0.attention.output.dense.weight': selection 'activation' needs its "
+         "activation statistics (pass --stats from umq calibrate) [rule: activation-stats]\n"),
+        (["verify", "{src}", "--backend", "cuda"], "(use --backend torch or auto) [rule: backend]\n"),
+        (["verify", "{src}", "--max-rel-error", "inf"],
+         "error: --max-rel-error must be a finite number >= 0, got inf [rule: tolerance]\n"),
+    ],
+    ids=["k", "hi", "activation-stats", "backend", "tolerance"],
+)
+def test_bad_input_names_file_rule_valid_values_and_flags(args: list[str], expected: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from umqcli.backends import cuda
+
+    if "cuda" in args and cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.chdir(tmp_path)
+    src = str(EXAMPLE)
+    res = runner.invoke(app, [a.format(src=src) for a in args])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.endswith(expected.format(src=src)), res.stderr
+    assert res.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_core_errors_never_name_command_line_flags() -> None:
+    """UMQError messages and hints raised outside umqcli/cli/ speak the library's terms;
+    the CLI words them as flags (FLAG_HINTS)."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "umqcli").rglob("*.py")):
+        if "cli" in path.relative_to(REPO_ROOT / "umqcli").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UMQError":
+                for text in (n.value for n in ast.walk(node) if isinstance(n, ast.Constant)):
+                    if isinstance(text, str) and re.search(r"(^|[\s(`'])--[a-z]", text):
+                        offenders.append(f"{path.name}:{node.lineno}: {text}")
+    assert offenders == []

@@ -57,7 +57,7 @@ def test_include_exclude_patterns(model: Path) -> None:
     assert decided[DOWN1] is None and decided["model.layers.1.mlp.gate_proj.weight"] == "flags"
     reasons = {t.name: t.reason for t in plan.passthrough}
     assert reasons[Q] == "not matched by any --include"
-    assert reasons[DOWN1] == r"excluded by --exclude re:layers\.1\.mlp\.(up|down)"
+    assert reasons[DOWN1] == r"excluded by the pattern re:layers\.1\.mlp\.(up|down)"
 
 
 def test_patterns() -> None:

@@ -442,9 +442,8 @@ def assemble(
     if bool(hi_overflow.any()):
         r, c = hi_overflow.nonzero()[0].tolist()
         raise UMQError(
-            f"hi value {weight[r, c].item()} at [{r}, {c}] is not finite in {hi.value} "
-            f"(use --hi bfloat16 or auto)",
-            rule="hi-overflow",
+            f"hi value {weight[r, c].item()} at [{r}, {c}] is not finite in {hi.value}",
+            rule="hi-overflow", hint="use hi bfloat16 or auto",
         )
     data = interleave(lo_bytes, hi_bits, mask, params.k)
     mask_bytes = mask_bits(mask)

@@ -565,8 +565,8 @@ def select_tensors(checkpoint, patterns: Sequence[str], with_stats: Mapping[str,
         if with_stats is not None and name not in with_stats:
             if compiled:
                 raise UMQError(
-                    "no activation statistics for this tensor in the stats file "
-                    "(compare it without --activations, or leave it out of --tensor)",
+                    "no activation statistics for this tensor in the stats file",
+                    hint="compare it without activations, or leave it out of the tensor patterns",
                     rule="activation-stats",
                     tensor=name,
                 )

@@ -15,7 +15,9 @@ class UMQError(Exception):
     """A user-facing failure: what went wrong, and where.
 
     ``rule`` is a short, stable identifier (``"crc32"``, ``"popcount"``, ``"finite"``, ...)
-    that tests and scripts can match on; ``file`` and ``tensor`` locate the problem.
+    that tests and scripts can match on; ``file`` and ``tensor`` locate the problem;
+    ``hint`` says what to do instead in the library's own terms (parameter names, never
+    command-line flags: the CLI swaps in its flag wording per rule).
     """
 
     def __init__(
@@ -25,10 +27,12 @@ class UMQError(Exception):
         rule: str,
         file: str | Path | None = None,
         tensor: str | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.rule = rule
+        self.hint = hint
         self.file = None if file is None else str(file)
         self.tensor = tensor
 
@@ -48,4 +52,6 @@ class UMQError(Exception):
             where.append(f"tensor '{self.tensor}'")
         prefix = ": ".join(where)
         text = f"{prefix}: {self.message}" if prefix else self.message
+        if self.hint:
+            text += f" ({self.hint})"
         return f"{text} [rule: {self.rule}]"

@@ -184,7 +184,7 @@ class QuantParams:
         # Accept plain strings (from JSON, the CLI) and normalise them to the enums.
         object.__setattr__(self, "lo", _enum(LoFormat, self.lo, "lo"))
         if self.hi is not None and self.hi != "auto":
-            object.__setattr__(self, "hi", _enum(HiFormat, self.hi, "hi"))
+            object.__setattr__(self, "hi", _enum(HiFormat, self.hi, "hi", extra=("auto",)))
         else:
             object.__setattr__(self, "hi", None)
         object.__setattr__(self, "selection", _enum(Selection, self.selection, "selection"))
@@ -253,11 +253,11 @@ class QuantParams:
         return replace(self, **changes)
 
 
-def _enum(kind: type[Enum], value: Any, what: str):
+def _enum(kind: type[Enum], value: Any, what: str, extra: tuple[str, ...] = ()):
     try:
         return kind(value)
     except ValueError:
-        choices = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+        choices = ", ".join([*extra, *(m.value for m in kind)])  # type: ignore[attr-defined]
         raise UMQError(f"unknown {what} {value!r} (one of: {choices})", rule=what) from None
 
 

@@ -774,10 +774,11 @@ def check_output_path(src: str | Path, out: str | Path, *, force: bool) -> None:
         raise UMQError(f"output is inside the input directory {src_r}; choose another -o",
                        rule="out-inside-src", file=out)
     if out_r.is_dir() and src_r.is_relative_to(out_r):
-        raise UMQError("the input is inside the output; --force would delete it", rule="out-is-src", file=out)
+        raise UMQError("the input is inside the output; replacing the output would delete it", rule="out-is-src",
+                       file=out)
     if Path(out).exists() or Path(out).is_symlink():
         if not force:
-            raise UMQError("exists; pass --force to replace it", rule="out-exists", file=out)
+            raise UMQError("exists", rule="out-exists", file=out, hint="pass force=True to replace it")
 
 
 @contextlib.contextmanager
@@ -791,7 +792,7 @@ def atomic_output(out: str | Path, *, directory: bool = False, force: bool = Fal
     """
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not force:
-        raise UMQError("exists; pass --force to replace it", rule="out-exists", file=out)
+        raise UMQError("exists", rule="out-exists", file=out, hint="pass force=True to replace it")
     parent = out.parent
     if not parent.is_dir():
         raise UMQError("the output's parent directory does not exist", rule="out-parent", file=out)

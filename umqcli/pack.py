@@ -415,8 +415,9 @@ def pack(
             if item.params.selection is Selection.ACTIVATION:
                 channels = stats.get(item.name)
                 if channels is None:
-                    raise UMQError("selection 'activation' needs its activation statistics (--stats)",
-                                   rule="activation-stats", tensor=item.name)
+                    raise UMQError("selection 'activation' needs its activation statistics",
+                                   rule="activation-stats", file=src, tensor=item.name,
+                                   hint="give act_sq from umq calibrate")
                 if tuple(channels.shape) != (item.shape[1],):
                     raise UMQError(
                         f"activation statistics have shape {tuple(channels.shape)}, expected ({item.shape[1]},)",

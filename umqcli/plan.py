@@ -233,7 +233,7 @@ def make_plan(
             continue
         hit = _first_match(excludes, name)
         if hit:
-            passthrough(f"excluded by --exclude {hit.text}")
+            passthrough(f"excluded by the pattern {hit.text}")
             continue
         item = recipe_entries.get(name)
         if item is not None:

@@ -245,8 +245,8 @@ def _checked_decode(slab: PackedTensor, dtype: torch.dtype, name: str) -> torch.
         r, c = (~torch.isfinite(dense)).nonzero()[0].tolist()
         raise UMQError(
             f"decoded value at [{r}, {c}] is {dense[r, c].item()} in {str(dtype).removeprefix('torch.')} "
-            f"(beyond its range: unpack with --dtype float32 or source)",
-            rule="non-finite",
+            f"(beyond its range)",
+            rule="non-finite", hint="unpack with dtype float32 or source",
             tensor=name,
         )
     return dense

@@ -341,9 +341,9 @@ def verify(
     """
     started = time.perf_counter()
     if rows < 1:
-        raise UMQError(f"--rows must be at least 1, got {rows}", rule="rows")
+        raise UMQError(f"rows must be at least 1, got {rows}", rule="rows")
     if not (max_rel_error >= 0.0 and math.isfinite(max_rel_error)):
-        raise UMQError(f"--max-rel-error must be a finite number >= 0, got {max_rel_error}", rule="tolerance")
+        raise UMQError(f"max_rel_error must be a finite number >= 0, got {max_rel_error}", rule="tolerance")
     compute = get_backend(backend) if isinstance(backend, str) else backend
     stats = None
     if activations is not None:

@@ -108,9 +108,8 @@ def get_backend(name: str = "auto") -> Backend:
         return cuda.CudaBackend()
     if name == "cuda":
         raise UMQError(
-            f"backend 'cuda' needs CuPy and a CUDA device: {cuda.unavailable_reason()} "
-            f"(use --backend torch or auto)",
-            rule="backend",
+            f"backend 'cuda' needs CuPy and a CUDA device: {cuda.unavailable_reason()}",
+            rule="backend", hint="use backend torch or auto",
         )
     if cpu_available():
         from .cpu import CpuBackend

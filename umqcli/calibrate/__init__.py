@@ -147,12 +147,13 @@ def calibrate(
 
     source = Path(source)
     if data is not None and stats_in is not None:
-        raise UMQError("give --data (measure statistics) or --stats (reuse them), not both", rule="options")
+        raise UMQError("give data (measure statistics) or stats_in (reuse them), not both", rule="data-and-stats")
     if data is not None and not is_hf_model_dir(source):
-        raise UMQError("--data needs a Hugging Face model directory (config.json, tokenizer, weights) to run",
+        raise UMQError("calibration data needs a Hugging Face model directory (config.json, tokenizer, weights) "
+                       "to run",
                        rule="model-load", file=source)
     if stats_out is not None and data is None:
-        raise UMQError("--stats-out needs --data: there is nothing measured to save", rule="options")
+        raise UMQError("stats_out needs data: there is nothing measured to save", rule="stats-out-without-data")
     with open_checkpoint(source) as checkpoint:
         plan = make_plan(checkpoint, include=include, exclude=exclude)
         names = [t.name for t in plan.packed]

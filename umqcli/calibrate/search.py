@@ -172,7 +172,7 @@ def search_recipe(
     cores: 1.0 s against 10-55 s per MiniLM tensor).
     """
     if (budget_bits is None) == (max_rel_error is None):
-        raise UMQError("give exactly one of --budget-bits and --max-rel-error", rule="target")
+        raise UMQError("give exactly one of budget_bits and max_rel_error", rule="target")
     choices = []
     total = len(weights)
     with _torch_threads(threads):

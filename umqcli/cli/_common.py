@@ -130,6 +130,18 @@ def fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:
     return typer.Exit(code)
 
 
+# The core's hints name library parameters; on the command line they read as flags.
+FLAG_HINTS = {
+    "use hi bfloat16 or auto": "use --hi bfloat16 or auto",
+    "use backend torch or auto": "use --backend torch or auto",
+    "give act_sq from umq calibrate": "pass --stats from umq calibrate",
+    "unpack with dtype float32 or source": "unpack with --dtype float32 or source",
+    "pass force=True to replace it": "pass --force to replace it",
+    "compare it without activations, or leave it out of the tensor patterns":
+        "compare it without --activations, or leave it out of --tensor",
+}
+
+
 def error_boundary(fn: F) -> F:
     """Turn user-facing failures into one stderr line and exit code 2."""
 
@@ -138,6 +150,7 @@ def error_boundary(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UMQError as exc:
+            exc.hint = FLAG_HINTS.get(exc.hint, exc.hint)
             raise fail(_escape(str(exc))) from None
         except KeyboardInterrupt:
             raise fail("interrupted; no output was left behind") from None

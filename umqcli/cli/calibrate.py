@@ -51,6 +51,10 @@ def calibrate_command(
     """
     if (budget_bits is None) == (max_rel_error is None):
         raise UMQError("give exactly one of --budget-bits and --max-rel-error", rule="target")
+    if data is not None and stats is not None:
+        raise UMQError("give --data (measure statistics) or --stats (reuse them), not both", rule="data-and-stats")
+    if stats_out is not None and data is None:
+        raise UMQError("--stats-out needs --data: there is nothing measured to save", rule="stats-out-without-data")
     if data is not None and stats_out is None:
         raise UMQError("--data needs --stats-out: `umq pack --stats` (activation selection) and "
                        "`umq verify --activations` read the statistics", rule="options")

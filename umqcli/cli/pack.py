@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ..errors import UMQError
 from ..format import LoFormat, Method, QuantParams, ScaleRule, Selection
 from ..pack import PackProgress, PackSummary, pack
 from ..recipe import Recipe
@@ -45,8 +46,12 @@ def pack_command(
     given = {key: value for key, value in
              (("k", k), ("lo", lo), ("hi", hi), ("block", block), ("selection", select),
               ("method", method), ("scale_rule", scale_rule)) if value is not None}
-    # QuantParams validates every value (UMQError naming the rule); hi "auto" -> None.
-    params = QuantParams(**{**_fields(base), **given}) if given else base
+    try:
+        # QuantParams validates every value (UMQError naming the rule and the valid
+        # values); hi "auto" -> None.
+        params = QuantParams(**{**_fields(base), **given}) if given else base
+    except UMQError as exc:
+        raise exc.located(file=src) from None
     act_sq = hessians = None
     if stats is not None:
         from ..stats import load_stats

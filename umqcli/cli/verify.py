@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,6 +46,8 @@ def verify_command(
     Exit 0: every tensor within --max-rel-error; 1: some tensor above it; 2: invalid
     input (corrupted file, mismatched reference, unavailable backend).
     """
+    if not math.isfinite(max_rel_error):
+        raise UMQError(f"--max-rel-error must be a finite number >= 0, got {max_rel_error}", rule="tolerance")
     options = dict(
         reference=reference, activations=activations, backend=backend.value, rows=rows,
         max_rel_error=max_rel_error, tensors=tensor or (), seed=seed,
