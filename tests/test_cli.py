@@ -3,6 +3,7 @@ to a pipe or a log rather than a terminal."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from umqcli.cli import app
@@ -163,3 +165,53 @@ def test_core_errors_never_name_command_line_flags() -> None:
                     if isinstance(text, str) and re.search(r"(^|[\s(`'])--[a-z]", text):
                         offenders.append(f"{path.name}:{node.lineno}: {text}")
     assert offenders == []
+
+
+@pytest.fixture(scope="module")
+def packed_example(tmp_path_factory) -> Path:
+    from umqcli.pack import pack
+
+    out = tmp_path_factory.mktemp("packed") / "layer0.umq.safetensors"
+    pack(EXAMPLE, out)
+    return out
+
+
+def test_verify_without_reference_says_it_checked_integrity_only(packed_example: Path) -> None:
+    res = runner.invoke(app, ["verify", str(packed_example), "--backend", "torch"])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.stdout.split())
+    assert "integrity only (no --reference, so no quantization error was measured" in flat
+    assert "%" not in res.stdout and "SQNR" not in res.stdout and "inf" not in res.stdout
+    assert flat.count(" same ") == 6  # the torch matmul equals the codec's decode for all six
+    payload = json.loads(runner.invoke(app, ["verify", str(packed_example), "--json", "--backend", "torch"]).stdout)
+    assert payload["measures_quantization"] is False
+
+
+def test_verify_header_counts_the_rows_really_used(packed_example: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from umqcli.stats import ChannelStats, save_stats
+
+    gen = torch.Generator().manual_seed(0)
+    stats = {}
+    for name, weight in load_file(str(EXAMPLE)).items():
+        if weight.dim() == 2 and "embeddings" not in name:
+            sample = torch.randn(128, weight.shape[1], generator=gen)
+            stats[name] = ChannelStats(act_sq=sample.square().mean(0), absmax=sample.abs().amax(0),
+                                       outliers=torch.zeros(weight.shape[1], dtype=torch.int64), sample=sample, rows=128)
+    stats_path = tmp_path / "stats.safetensors"
+    save_stats(stats_path, stats)
+    args = ["verify", str(packed_example), "--reference", str(EXAMPLE), "--activations", str(stats_path),
+            "--backend", "torch"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    header = " ".join(res.stdout.split("┏")[0].split())
+    assert f"on 128 rows of activations from {stats_path} (the stats file's sample; --rows 256 caps it)" in header
+    assert "256 rows" not in header
+    payload = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert payload["rows"] == 256 and payload["rows_used"] == [128]
+    assert {t["rows"] for t in payload["tensors"]} == {128}
+    # Every column is labelled and explained; percentages have one format.
+    assert "FP8" in res.stdout and "per-channel" in res.stdout and "status" in res.stdout
+    assert "max abs error = max |Y - Y_ref|" in " ".join(res.stdout.split())
+    assert all(re.fullmatch(r"\d+\.\d\d%", p) for p in re.findall(r"[\d.]+%", res.stdout))

@@ -184,6 +184,18 @@ class VerifyReport:
     def failures(self) -> list[TensorResult]:
         return [t for t in self.tensors if not t.passed]
 
+    @property
+    def measures_quantization(self) -> bool:
+        """Whether the errors are quantization errors (against the unquantized reference);
+        without one they only compare the backend with the codec's own decode."""
+        return self.reference is not None
+
+    @property
+    def rows_used(self) -> list[int]:
+        """The distinct input row counts the tensors were checked with (a stats file
+        may hold fewer rows than ``rows``, the cap)."""
+        return sorted({t.rows for t in self.tensors})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "packed": str(self.packed),
@@ -191,6 +203,8 @@ class VerifyReport:
             "activations": None if self.activations is None else str(self.activations),
             "backend": self.backend,
             "rows": self.rows,
+            "rows_used": self.rows_used,
+            "measures_quantization": self.measures_quantization,
             "seed": self.seed,
             "max_rel_error": self.max_rel_error,
             "integrity": self.integrity,
