@@ -215,3 +215,27 @@ def test_verify_header_counts_the_rows_really_used(packed_example: Path, tmp_pat
     assert "FP8" in res.stdout and "per-channel" in res.stdout and "status" in res.stdout
     assert "max abs error = max |Y - Y_ref|" in " ".join(res.stdout.split())
     assert all(re.fullmatch(r"\d+\.\d\d%", p) for p in re.findall(r"[\d.]+%", res.stdout))
+
+
+def test_unpack_names_the_dtype_it_wrote(packed_example: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["unpack", str(packed_example), "-o", str(tmp_path / "dense.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"dtype of decoded tensors\s*│\s*float16 \(each tensor's source dtype\)", res.stdout)
+    res = runner.invoke(app, ["unpack", str(packed_example), "-o", str(tmp_path / "d32.safetensors"), "--dtype",
+                              "float32"])
+    assert re.search(r"dtype of decoded tensors\s*│\s*float32\s*│", res.stdout)
+
+
+def test_explanations_count_outlier_channels_in_good_english() -> None:
+    from umqcli.calibrate.candidates import Candidate, TensorChoice
+    from umqcli.calibrate.explain import explain
+    from umqcli.format import QuantParams
+
+    def choice(name: str, outliers: int) -> TensorChoice:
+        pick = Candidate(QuantParams(k=1), 10.0, 1e-4)
+        return TensorChoice(name, (8, 8), [pick], [pick], chosen=pick, outlier_channels=outliers)
+
+    one, three = choice("a", 1), choice("b", 3)
+    explain([one, three])
+    assert "1 outlier input channel (|x|>6)" in one.reason
+    assert "3 outlier input channels (|x|>6)" in three.reason

@@ -27,7 +27,8 @@ def explain(choices: Sequence[TensorChoice]) -> None:
         k = chosen.params.k
         facts = []
         if c.outlier_channels:
-            facts.append(f"{c.outlier_channels} outlier input channels (|x|>{OUTLIER_THRESHOLD:g})")
+            plural = "" if c.outlier_channels == 1 else "s"
+            facts.append(f"{c.outlier_channels} outlier input channel{plural} (|x|>{OUTLIER_THRESHOLD:g})")
         if c.act_peak_ratio >= 10:
             facts.append(f"E[x^2] peak {c.act_peak_ratio:.0f}x mean")
         at_median = [x for x in c.candidates if x.params.k == median_k]

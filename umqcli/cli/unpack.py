@@ -54,7 +54,9 @@ def unpack_command(
     table.add_column("value", justify="right")
     table.add_row("tensors decoded", str(len(report.decoded)))
     table.add_row("tensors copied unchanged", str(len(report.passthrough)))
-    table.add_row("dtype of decoded tensors", report.dtype)
+    written = sorted({dtype for _, dtype, _ in report.decoded.values()})
+    chosen = " (each tensor's source dtype)" if report.dtype == "source" else ""
+    table.add_row("dtype of decoded tensors", (", ".join(written) or "-") + chosen)
     table.add_row("tensor bytes in (packed)", f"{report.bytes_in:,}")
     table.add_row("tensor bytes out (dense)", f"{report.bytes_out:,}")
     table.add_row("files written", ", ".join(report.files))
