@@ -52,35 +52,30 @@ def _usage_pieces(command: Any, ctx: Any) -> list[str]:
     return pieces
 
 
-class UMQCommand(TyperCommand):
-    """A command whose help screen reads like any Click tool's (see :func:`_click_style`)."""
+class _ClickStyleHelp:
+    """Mixed into Typer's command and group classes: their options, the help option
+    included, are shown as :func:`_click_style` says."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _click_style(self.params)
+        _click_style(self.params)  # type: ignore[attr-defined]
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         if option is not None:
             _click_style([option])
         return option
+
+
+class UMQCommand(_ClickStyleHelp, TyperCommand):
+    """A command whose help screen reads like any Click tool's."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return _usage_pieces(self, ctx)
 
 
-class UMQGroup(TyperGroup):
+class UMQGroup(_ClickStyleHelp, TyperGroup):
     """The ``umq`` group, with the same help-screen conventions as its commands."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _click_style(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _click_style([option])
-        return option
 
 
 class _UMQApp(typer.Typer):

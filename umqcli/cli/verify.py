@@ -94,6 +94,12 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _spec_text(spec) -> str:
+    """``384x1536, 1 fp8_e4m3/row, 10.02 b``: shape, k, lo/block and stored bits per element."""
+    block = "row" if spec.block == spec.columns else str(spec.block)
+    return f"{spec.rows}x{spec.columns}, {spec.k} {spec.lo.value}/{block}, {spec.bits_per_element:.2f} b"
+
+
 def _rows_text(report: VerifyReport) -> str:
     used = report.rows_used
     if not used:
@@ -120,11 +126,9 @@ def render_report(report: VerifyReport) -> None:
                    "status"):
         table.add_column(header, justify="right", no_wrap=True)
     for result in report.tensors:
-        spec, error = result.spec, result.error
-        block = "row" if spec.block == spec.columns else str(spec.block)
+        error = result.error
         table.add_row(
-            f"{result.name}\n[dim]{spec.rows}x{spec.columns}, {spec.k} {spec.lo.value}/{block}, "
-            f"{spec.bits_per_element:.2f} b",
+            f"{result.name}\n[dim]{_spec_text(result.spec)}",
             _pct(error.rel_error),
             f"{error.max_abs_error:.2g}",
             "inf" if error.sqnr_db == float("inf") else f"{error.sqnr_db:.1f}",
@@ -172,11 +176,8 @@ def _render_integrity_only(report: VerifyReport) -> None:
     table.add_column("shape, k lo/block, bits", no_wrap=True)
     table.add_column(f"{report.backend} matmul\nvs codec decode", justify="right", no_wrap=True)
     for result in report.tensors:
-        spec = result.spec
-        block = "row" if spec.block == spec.columns else str(spec.block)
         agrees = "[green]same" if result.error.rel_error == 0.0 else f"{result.error.rel_error:.1e} rel."
-        table.add_row(result.name, f"{spec.rows}x{spec.columns}, {spec.k} {spec.lo.value}/{block}, "
-                      f"{spec.bits_per_element:.2f} b", agrees)
+        table.add_row(result.name, _spec_text(result.spec), agrees)
     console.print(table)
     console.print(f"[green]integrity ok[/]: {', '.join(report.integrity)} of {len(report.tensors)} tensors; "
                   f"matmul on {_rows_text(report)} in {report.seconds:.1f} s", highlight=False)
