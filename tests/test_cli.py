@@ -203,7 +203,7 @@ def test_verify_header_counts_the_rows_really_used(packed_example: Path, tmp_pat
     save_stats(stats_path, stats)
     args = ["verify", str(packed_example), "--reference", str(EXAMPLE), "--activations", str(stats_path),
             "--backend", "torch"]
-    res = runner.invoke(app, args)
+    res = runner.invoke(app, args, env={"COLUMNS": "240"})  # xdist workers set COLUMNS=80
     assert res.exit_code == 0, res.output
     header = " ".join(res.stdout.split("┏")[0].split())
     assert f"on 128 rows of activations from {stats_path} (the stats file's sample; --rows 256 caps it)" in header
@@ -239,3 +239,31 @@ def test_explanations_count_outlier_channels_in_good_english() -> None:
     explain([one, three])
     assert "1 outlier input channel (|x|>6)" in one.reason
     assert "3 outlier input channels (|x|>6)" in three.reason
+
+
+def test_budget_below_the_cheapest_mix_is_refused_before_any_statistics(tmp_path: Path) -> None:
+    from umqcli.calibrate import calibrate
+    from umqcli.errors import UMQError
+
+    # The statistics file does not exist: reading it would fail with another rule.
+    with pytest.raises(UMQError) as info:
+        calibrate(EXAMPLE, stats_in=tmp_path / "nowhere.safetensors", budget_bits=8.0)
+    assert info.value.rule == "budget"
+    res = runner.invoke(app, ["calibrate", str(EXAMPLE), "-o", str(tmp_path / "r.json"), "--budget-bits", "8"])
+    assert res.exit_code == 2
+    assert re.search(r"budget 8\.000 bits/element is below the cheapest candidate mix \(9\.0\d\d bits/element\) "
+                     r"\[rule: budget\]\n$", res.stderr), res.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_calibrate_prints_a_next_command_that_writes_next_to_the_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipes" / "r.json"
+    recipe.parent.mkdir()
+    res = runner.invoke(app, ["calibrate", str(EXAMPLE), "-o", str(recipe), "--budget-bits", "11",
+                              "--candidates", "k=1-2,lo=int8,block=row,selection=magnitude"],
+                        env={"COLUMNS": "60"})
+    assert res.exit_code == 0, res.output
+    expected = (f"umq pack {EXAMPLE} --recipe {recipe} -o {recipe.parent / 'minilm_layer0.umq.safetensors'}")
+    assert expected + "\n" in res.stdout  # whole, on one line, even in 60 columns
+    saved = json.loads(recipe.read_text())
+    assert "mean_s ||W x_s||^2" in saved["search"]["error_metric"]  # the formula the docs state

@@ -63,7 +63,7 @@ from .corpus import TEXT_SUFFIXES, package_readme, read_documents
 from .explain import explain, to_recipe
 from .hooks import StatsRun, collect_stats, match_weight_names
 from .model import is_hf_model_dir, load_hf_model
-from .search import SearchResult, allocate_budget, allocate_max_error, pareto_front, search_recipe
+from .search import SearchResult, allocate_budget, allocate_max_error, check_budget_fits, pareto_front, search_recipe
 from .tokens import make_sequences
 
 if TYPE_CHECKING:
@@ -157,6 +157,8 @@ def calibrate(
     with open_checkpoint(source) as checkpoint:
         plan = make_plan(checkpoint, include=include, exclude=exclude)
         names = [t.name for t in plan.packed]
+        if budget_bits is not None and names:
+            check_budget_fits([tuple(t.shape) for t in plan.packed], space, budget_bits)
         excluded = {t.name: t.reason for t in plan.passthrough}
         stats_run = None
         stats: dict[str, ChannelStats] | None = None

@@ -127,6 +127,12 @@ def weighted_error(weight: torch.Tensor, approx: torch.Tensor, act_sq: torch.Ten
 
 
 MIN_SAMPLE_ROWS = 16  # fewer real rows than this: keep the diagonal denominator
+#: The predicted error as the recipe states it (docs/calibrate.md, "error model").
+ERROR_METRIC = (
+    "sqrt(sum_j E[x_j^2] ||W[:,j]-W_hat[:,j]||^2 / mean_s ||W x_s||^2), x_s the stored sample rows; "
+    f"with fewer than {MIN_SAMPLE_ROWS} of them (or weights only) the denominator is "
+    "sum_j E[x_j^2] ||W[:,j]||^2"
+)
 
 
 def output_energy_correction(weight: torch.Tensor, act_sq: torch.Tensor, sample: torch.Tensor | None) -> float:

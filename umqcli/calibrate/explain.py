@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from ..stats import OUTLIER_THRESHOLD
-from .candidates import TensorChoice
+from .candidates import ERROR_METRIC, TensorChoice
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -71,7 +71,7 @@ def to_recipe(result: SearchResult, *, source: str, stats_file: str | None = Non
             "statistics": result.stats_source,
             "average_bits_per_element": result.average_bits,
             "rms_predicted_rel_error": result.rms_rel_error,
-            "error_metric": "sqrt(sum_j E[x_j^2] ||W[:,j]-W_hat[:,j]||^2 / sum_j E[x_j^2] ||W[:,j]||^2)",
+            "error_metric": ERROR_METRIC,
         }
     }
     if stats_file is not None:

@@ -28,6 +28,26 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
+def _check_budget(budget_bits: float, floor: float, total_elements: int) -> None:
+    """``floor``: stored bits of the cheapest candidate of every tensor, summed."""
+    if floor > budget_bits * total_elements * (1 + 1e-12):
+        raise UMQError(
+            f"budget {budget_bits:.3f} bits/element is below the cheapest candidate mix "
+            f"({floor / total_elements:.3f} bits/element)",
+            rule="budget",
+        )
+
+
+def check_budget_fits(shapes: Sequence[tuple[int, int]], space: CandidateSpace, budget_bits: float) -> None:
+    """Refuse a budget below the cheapest candidate mix from the tensor shapes alone (a
+    candidate's stored bits depend only on its parameters and column count), before any
+    statistics are gathered or any candidate is evaluated."""
+    total = sum(rows * cols for rows, cols in shapes)
+    floor = sum(min(p.bits_per_element(cols) for p in space.params_for(cols, have_stats=True)) * rows * cols
+                for rows, cols in shapes)
+    _check_budget(budget_bits, floor, total)
+
+
 def allocate_budget(choices: Sequence[TensorChoice], budget_bits: float, *, slots: int = 20000) -> None:
     """Pick one candidate per tensor minimising ``sum_t n_t err_t`` subject to
     ``sum_t n_t bits_t <= budget_bits * sum_t n_t`` (``n_t`` = elements).
@@ -50,12 +70,7 @@ def allocate_budget(choices: Sequence[TensorChoice], budget_bits: float, *, slot
     total_elements = sum(c.numel for c in choices)
     limit = budget_bits * total_elements
     floor = sum(min(x.bits for x in c.candidates) * c.numel for c in choices)
-    if floor > limit * (1 + 1e-12):
-        raise UMQError(
-            f"budget {budget_bits:.3f} bits/element is below the cheapest candidate mix "
-            f"({floor / total_elements:.3f} bits/element)",
-            rule="budget",
-        )
+    _check_budget(budget_bits, floor, total_elements)
     spare = max(limit - floor, 0.0)
     unit = spare / slots if spare > 0 else 1.0
     best = np.zeros(slots + 1)  # best[s]: least error of the tensors so far within s units

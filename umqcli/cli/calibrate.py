@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from ..calibrate import CalibrationResult, CandidateSpace, calibrate
 from ..errors import UMQError
+from ..pack import default_output
 from ._common import app, console, error_boundary, print_json, progress_bar
 
 _DEFAULT_CANDIDATES = "k=0-8,lo=fp8_e4m3+int8,block=row+32+128,selection=magnitude+activation"
@@ -146,8 +148,18 @@ def render_summary(result: CalibrationResult, model: Path) -> None:
         highlight=False,
     )
     if result.recipe_path is not None:
-        stats_flag = ""
-        if any(c.chosen.params.selection.value == "activation" for c in search.choices) and result.stats_path:
-            stats_flag = f" --stats {result.stats_path}"
-        console.print(f"recipe -> {result.recipe_path}; next: umq pack {model} --recipe {result.recipe_path}"
-                      f"{stats_flag}", highlight=False)
+        console.print(f"recipe -> {result.recipe_path}; next:", highlight=False)
+        # One line, never wrapped: it is meant to be copied.
+        console.print(next_command(result, model), highlight=False, markup=False, soft_wrap=True)
+
+
+def next_command(result: CalibrationResult, model: Path) -> str:
+    """The ``umq pack`` command that applies the recipe, writing next to the recipe
+    (not next to the model, which may sit in site-packages)."""
+    recipe = result.recipe_path
+    assert recipe is not None
+    out = recipe.parent / default_output(model).name
+    words = ["umq", "pack", str(model), "--recipe", str(recipe), "-o", str(out)]
+    if result.stats_path and any(c.chosen.params.selection.value == "activation" for c in result.search.choices):
+        words += ["--stats", str(result.stats_path)]
+    return shlex.join(words)
