@@ -187,20 +187,25 @@ def test_verify_without_reference_says_it_checked_integrity_only(packed_example:
     assert payload["measures_quantization"] is False
 
 
-def test_verify_header_counts_the_rows_really_used(packed_example: Path, tmp_path: Path) -> None:
+def _example_stats(path: Path, seed: int = 0) -> Path:
+    """A stats file with 128 Gaussian input rows for every weight of the example."""
     from safetensors.torch import load_file
 
     from umqcli.stats import ChannelStats, save_stats
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     stats = {}
     for name, weight in load_file(str(EXAMPLE)).items():
         if weight.dim() == 2 and "embeddings" not in name:
-            sample = torch.randn(128, weight.shape[1], generator=gen)
+            sample = torch.randn(128, weight.shape[1], generator=gen) * torch.linspace(0.1, 3.0, weight.shape[1])
             stats[name] = ChannelStats(act_sq=sample.square().mean(0), absmax=sample.abs().amax(0),
                                        outliers=torch.zeros(weight.shape[1], dtype=torch.int64), sample=sample, rows=128)
-    stats_path = tmp_path / "stats.safetensors"
-    save_stats(stats_path, stats)
+    save_stats(path, stats)
+    return path
+
+
+def test_verify_header_counts_the_rows_really_used(packed_example: Path, tmp_path: Path) -> None:
+    stats_path = _example_stats(tmp_path / "stats.safetensors")
     args = ["verify", str(packed_example), "--reference", str(EXAMPLE), "--activations", str(stats_path),
             "--backend", "torch"]
     res = runner.invoke(app, args, env={"COLUMNS": "240"})  # xdist workers set COLUMNS=80
@@ -267,3 +272,40 @@ def test_calibrate_prints_a_next_command_that_writes_next_to_the_recipe(tmp_path
     assert expected + "\n" in res.stdout  # whole, on one line, even in 60 columns
     saved = json.loads(recipe.read_text())
     assert "mean_s ||W x_s||^2" in saved["search"]["error_metric"]  # the formula the docs state
+
+
+def test_pack_recipe_uses_the_statistics_it_was_calibrated_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from umqcli.calibrate import CandidateSpace, calibrate
+
+    work = tmp_path / "calib"
+    work.mkdir()
+    stats = _example_stats(work / "stats.safetensors")
+    recipe = work / "recipe.json"
+    calibrate(EXAMPLE, stats_in=stats, recipe_out=recipe, budget_bits=11.0,
+              space=CandidateSpace.parse("k=1-2,lo=int8,block=row,selection=activation"))
+    saved = json.loads(recipe.read_text())
+    assert saved["stats"] == "stats.safetensors" and len(saved["stats_sha256"]) == 64
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the path is relative to the recipe, not to the working directory
+    res = runner.invoke(app, ["pack", str(EXAMPLE), "--recipe", str(recipe), "-o", "a.safetensors", "--json"])
+    assert res.exit_code == 0, res.output
+    explicit = runner.invoke(app, ["pack", str(EXAMPLE), "--recipe", str(recipe), "--stats", str(stats),
+                                   "-o", "b.safetensors", "--json"])
+    assert explicit.exit_code == 0, explicit.output
+    assert (elsewhere / "a.safetensors").read_bytes() == (elsewhere / "b.safetensors").read_bytes()
+    # Other statistics (given, or swapped in under the recorded name) are refused.
+    other = _example_stats(tmp_path / "other.safetensors", seed=1)
+    for args in (["--stats", str(other)], []):
+        if not args:
+            other.replace(stats)
+        res = runner.invoke(app, ["pack", str(EXAMPLE), "--recipe", str(recipe), *args, "-o", "c.safetensors"])
+        assert res.exit_code == 2
+        assert re.search(r"not the statistics the recipe .*recipe\.json was calibrated with \(sha256 [0-9a-f]{12}\.\.\., "
+                         r"the recipe records [0-9a-f]{12}\.\.\.\) \[rule: stats-mismatch\]\n$", res.stderr), res.stderr
+    stats.unlink()
+    res = runner.invoke(app, ["pack", str(EXAMPLE), "--recipe", str(recipe), "-o", "c.safetensors"])
+    assert res.exit_code == 2
+    assert res.stderr == (f"error: {stats}: the activation statistics this recipe was calibrated with are missing "
+                          "(pass --stats) [rule: stats-file]\n")
+    assert not (elsewhere / "c.safetensors").exists()

@@ -28,6 +28,10 @@ A recipe is a human-readable, versioned JSON file::
 - ``params: null`` means "do not quantize this tensor" (it passes through, with ``reason``).
 - Unknown top-level keys are kept in :attr:`Recipe.extra` (round-tripped), unknown keys
   inside an entry are refused: a typo must not silently change what gets packed.
+- ``stats`` / ``stats_sha256`` (written by ``umq calibrate``): the activation statistics
+  the recipe was calibrated with, as a path relative to the recipe file, and the SHA-256
+  of their bytes. ``umq pack --recipe`` uses that file when no other is given, and
+  refuses statistics whose hash differs (:meth:`Recipe.statistics_file`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UMQError
-from .format import FORMAT_VERSION, QuantParams
+from .format import FORMAT_VERSION, QuantParams, Selection
 
 RECIPE_VERSION = 1
 _ENTRY_KEYS = {"params", "predicted_rel_error", "bits_per_element", "reason"}
@@ -80,6 +84,36 @@ class Recipe:
     budget_bits: float | None = None
     source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
+
+    @property
+    def uses_activations(self) -> bool:
+        """Whether some tensor (or the defaults) selects hi positions by activations."""
+        params = [e.params for e in self.tensors.values()] + [self.defaults]
+        return any(p is not None and p.selection is Selection.ACTIVATION for p in params)
+
+    def statistics_file(self, given: str | Path | None = None) -> Path | None:
+        """The activation statistics to pack with: ``given``, else (when some tensor
+        needs them) the file recorded at calibration, relative to the recipe file. Either
+        must hash to the recorded ``stats_sha256`` when the recipe has one."""
+        recorded, digest = self.extra.get("stats"), self.extra.get("stats_sha256")
+        if given is None:
+            if not isinstance(recorded, str) or not self.uses_activations:
+                return None
+            given = (self.path.parent if self.path is not None else Path()) / recorded
+            if not Path(given).is_file():
+                raise UMQError("the activation statistics this recipe was calibrated with are missing",
+                               rule="stats-file", file=given, hint="give the statistics file")
+        given = Path(given)
+        if isinstance(digest, str):
+            from .stats import stats_sha256
+
+            actual = stats_sha256(given)
+            if actual != digest:
+                raise UMQError(
+                    f"not the statistics the recipe {self.path or ''} was calibrated with (sha256 {actual[:12]}..., "
+                    f"the recipe records {digest[:12]}...)", rule="stats-mismatch", file=given)
+        return given
 
     def params_for(self, name: str, default: QuantParams | None) -> QuantParams | None:
         """The parameters for tensor ``name``: its entry's (``None`` = keep unquantized),
@@ -164,7 +198,9 @@ class Recipe:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UMQError(f"recipe is not valid JSON ({exc})", rule="recipe", file=path) from None
-        return cls.from_json(obj, file=path)
+        recipe = cls.from_json(obj, file=path)
+        recipe.path = path
+        return recipe
 
 
 def _params(obj: Any, fail, tensor: str | None) -> QuantParams:

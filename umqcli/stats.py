@@ -293,6 +293,18 @@ def save_stats(path: str | Path, stats: Mapping[str, ChannelStats], metadata: Ma
         raise
 
 
+def stats_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a statistics file's bytes: how a recipe names the exact statistics
+    it was calibrated with."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_stats_metadata(path: str | Path) -> dict[str, str]:
     """The header metadata of a stats file (validated version), without loading tensors."""
     from safetensors import safe_open

@@ -38,6 +38,7 @@ Nothing here prints; progress goes through a ``progress(stage, done, total)`` ca
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
@@ -181,7 +182,14 @@ def calibrate(
 
         result = search_recipe(CheckpointWeights(checkpoint, names), stats, budget_bits=budget_bits, max_rel_error=max_rel_error,
                                space=space, max_rows=max_rows, progress=progress)
-    recipe = to_recipe(result, source=source.name, stats_file=stats_label)
+    stats_file, stats_digest = stats_label, None
+    if stats_label is not None:
+        from ..stats import stats_sha256
+
+        stats_digest = stats_sha256(stats_label)
+        if recipe_out is not None:  # pack finds it relative to the recipe, from any directory
+            stats_file = os.path.relpath(Path(stats_label).resolve(), Path(recipe_out).resolve().parent)
+    recipe = to_recipe(result, source=source.name, stats_file=stats_file, stats_sha256=stats_digest)
     if recipe_out is not None:
         recipe.save(recipe_out)
     return CalibrationResult(result, recipe, stats_run, None if stats_label is None else Path(stats_label),

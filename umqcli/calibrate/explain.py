@@ -50,7 +50,8 @@ def explain(choices: Sequence[TensorChoice]) -> None:
         c.reason = "; ".join([why] + facts)
 
 
-def to_recipe(result: SearchResult, *, source: str, stats_file: str | None = None) -> "Recipe":
+def to_recipe(result: SearchResult, *, source: str, stats_file: str | None = None,
+              stats_sha256: str | None = None) -> "Recipe":
     """The :class:`~umqcli.recipe.Recipe` for ``umq pack --recipe``: one entry per searched
     tensor with its parameters, predicted error, bits and reason."""
     from ..recipe import Recipe, RecipeEntry
@@ -76,6 +77,8 @@ def to_recipe(result: SearchResult, *, source: str, stats_file: str | None = Non
     }
     if stats_file is not None:
         extra["stats"] = stats_file
+    if stats_sha256 is not None:
+        extra["stats_sha256"] = stats_sha256
     return Recipe(
         tensors=tensors,
         budget_bits=result.target if result.mode == "budget" else None,

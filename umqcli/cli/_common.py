@@ -130,6 +130,7 @@ FLAG_HINTS = {
     "use hi bfloat16 or auto": "use --hi bfloat16 or auto",
     "use backend torch or auto": "use --backend torch or auto",
     "give act_sq from umq calibrate": "pass --stats from umq calibrate",
+    "give the statistics file": "pass --stats",
     "unpack with dtype float32 or source": "unpack with --dtype float32 or source",
     "pass force=True to replace it": "pass --force to replace it",
     "compare it without activations, or leave it out of the tensor patterns":

@@ -155,11 +155,9 @@ def render_summary(result: CalibrationResult, model: Path) -> None:
 
 def next_command(result: CalibrationResult, model: Path) -> str:
     """The ``umq pack`` command that applies the recipe, writing next to the recipe
-    (not next to the model, which may sit in site-packages)."""
+    (not next to the model, which may sit in site-packages). The recipe records its
+    statistics, so no --stats is needed."""
     recipe = result.recipe_path
     assert recipe is not None
     out = recipe.parent / default_output(model).name
-    words = ["umq", "pack", str(model), "--recipe", str(recipe), "-o", str(out)]
-    if result.stats_path and any(c.chosen.params.selection.value == "activation" for c in result.search.choices):
-        words += ["--stats", str(result.stats_path)]
-    return shlex.join(words)
+    return shlex.join(["umq", "pack", str(model), "--recipe", str(recipe), "-o", str(out)])

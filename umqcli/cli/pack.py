@@ -30,7 +30,7 @@ def pack_command(
     method: Annotated[Optional[Method], typer.Option("--method", help="How lo values are rounded: rtn (to nearest) or gptq (error feedback through the input Hessian; needs --stats from `umq calibrate --hessian`) [default: rtn]")] = None,
     scale_rule: Annotated[Optional[ScaleRule], typer.Option("--scale-rule", help="How lo scales are chosen: absmax, clip or clip-hessian (clip-ratio search per block) [default: absmax]")] = None,
     recipe_path: Annotated[Optional[Path], typer.Option("--recipe", help="Per-tensor parameters from `umq calibrate` (flags set the defaults for tensors it does not name).")] = None,
-    stats: Annotated[Optional[Path], typer.Option("--stats", help="Activation statistics from `umq calibrate` (needed by --select activation and --method gptq).")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Activation statistics from `umq calibrate` (needed by --select activation and --method gptq; with --recipe, the statistics it records are used by default).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only pack tensors matching this glob or re:regex (repeatable; lifts the default exclusions).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never pack tensors matching this glob or re:regex (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
@@ -53,6 +53,8 @@ def pack_command(
     except UMQError as exc:
         raise exc.located(file=src) from None
     act_sq = hessians = None
+    if recipe is not None:  # the recipe's own statistics unless --stats names others (same hash)
+        stats = recipe.statistics_file(stats)
     if stats is not None:
         from ..stats import load_stats
 
