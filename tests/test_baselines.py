@@ -11,6 +11,7 @@ import torch
 
 from umqcli.baselines import (
     BASELINES,
+    LLM_INT8_THRESHOLD,
     bitsandbytes_functional,
     fake_quant_fp8_blocks,
     fake_quant_fp8_channel,
@@ -180,7 +181,7 @@ def test_llm_int8_outlier_columns_match_bitsandbytes_decomposition():
     x = torch.randn(64, 256, generator=g)
     x[:, [7, 100, 201]] *= 8.0  # the emergent outlier features
     absmax = x.abs().amax(0)
-    _, _, bnb_cols = bnbf.int8_vectorwise_quant(x.to(torch.float16), threshold=6.0)
+    _, _, bnb_cols = bnbf.int8_vectorwise_quant(x.to(torch.float16), threshold=LLM_INT8_THRESHOLD)
     ours = llm_int8_outlier_columns(absmax)
     assert set(ours.tolist()) == set(bnb_cols.tolist())
     assert {7, 100, 201} <= set(ours.tolist())

@@ -799,3 +799,18 @@ def test_fused_k1_scan_matches_reference_with_ties(lo: LoFormat, dtype: torch.dt
             for ours, theirs in ((fused.data, reference.data), (fused.mask, reference.mask),
                                  (fused.scale, reference.scale)):
                 assert raw_bytes(ours) == raw_bytes(theirs)
+
+
+def test_torch_threads_sets_for_the_block_and_puts_back() -> None:
+    """The one helper that changes torch's thread count (calibrate's search uses it): set
+    inside, restored after, also when the block raises; None leaves it alone."""
+    before = torch.get_num_threads()
+    with _fused.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with _fused.torch_threads(1):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with _fused.torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -235,7 +235,7 @@ def test_codec_calls_serialised_when_layer_is_not_thread_safe(sharded: Path, tmp
     import umqcli.pack as pack_module
 
     pack(sharded, tmp_path / "free", params=QuantParams(k=2), slab_elements=1000)
-    monkeypatch.setattr(pack_module, "_codec_concurrent", None)
+    monkeypatch.setattr(pack_module._fused, "_calls_concurrent", None)
     monkeypatch.setattr(pack_module._fused, "allows_concurrent_calls", lambda: False)
     active, overlaps = [0], [0]
     real_quantize = pack_module.quantize

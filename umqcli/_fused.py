@@ -21,9 +21,11 @@ numba code lives in :mod:`umqcli._fused_kernels`, imported on first use only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import threading
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -97,6 +99,42 @@ def allows_concurrent_calls() -> bool | None:
         return kernels().numba.threading_layer() != "workqueue"
     except ValueError:  # numba: no parallel function has run yet
         return None
+
+
+# numba's "workqueue" threading layer (used when neither TBB nor OpenMP is available)
+# aborts the process on concurrent parallel calls from two Python threads; the OpenMP and
+# TBB layers, and torch, are fine. Codec calls from worker threads are serialised until
+# the layer is known to allow concurrency.
+_CALL_LOCK = threading.Lock()
+_calls_concurrent: bool | None = None  # None: not known yet
+
+
+@contextlib.contextmanager
+def codec_call() -> Iterator[None]:
+    """Wrap a codec call made from a worker thread (``umq pack``'s pool): serialised
+    unless concurrent calls are known to be safe (:func:`allows_concurrent_calls`)."""
+    global _calls_concurrent
+    if _calls_concurrent:
+        yield
+        return
+    with _CALL_LOCK:
+        yield
+        _calls_concurrent = allows_concurrent_calls()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block (``None``: left
+    alone), then put back; the fused pass follows it (:func:`_follow_torch_threads`)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _TABLES: dict[str, torch.Tensor] = {}

@@ -35,10 +35,12 @@ import torch
 
 from ._optional import require
 from .errors import UMQError
+from .stats import OUTLIER_THRESHOLD
 
 #: Input columns whose activation absmax exceeds this are kept in fp16 by LLM.int8()
-#: (Dettmers et al. 2022, the bitsandbytes default ``llm_int8_threshold``).
-LLM_INT8_THRESHOLD = 6.0
+#: (Dettmers et al. 2022, the bitsandbytes default ``llm_int8_threshold``): the outlier
+#: threshold the statistics count with, defined once in :mod:`umqcli.stats`.
+LLM_INT8_THRESHOLD = OUTLIER_THRESHOLD
 
 _FP8_DTYPES: dict[str, torch.dtype] = {
     "e4m3": torch.float8_e4m3fn,

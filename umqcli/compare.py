@@ -44,6 +44,7 @@ from ._optional import require
 from .errors import UMQError
 from .format import GROUP, HiFormat, LoFormat, Method, QuantParams, Selection
 from .progress import ProgressFn, no_progress
+from .stats import OUTLIER_THRESHOLD
 
 UMQ_KS = (0, 1, 2, 4)
 UMQ_LOS = (LoFormat.FP8_E4M3, LoFormat.FP8_E5M2, LoFormat.INT8)
@@ -669,7 +670,7 @@ def compare_checkpoint(
                 dtype=str(weight.dtype).replace("torch.", ""),
                 weight_rows=used_rows,
                 x_rows=int(x.shape[0]),
-                outlier_columns=None if act_absmax is None else int((act_absmax > 6.0).sum()),
+                outlier_columns=None if act_absmax is None else int((act_absmax > OUTLIER_THRESHOLD).sum()),
             )
             return info, measured, skipped
 

@@ -25,16 +25,14 @@ progress goes to a callback and the result is a :class:`PackSummary`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -86,8 +84,9 @@ ProgressCallback = Callable[[PackProgress], None]
 
 
 @dataclass
-class TensorResult:
-    """What happened to one source tensor."""
+class TensorOutcome:
+    """What pack did with one source tensor: packed (its spec, bytes, error) or passed
+    through (and why)."""
 
     name: str
     action: str  # "packed" | "passthrough"
@@ -133,17 +132,17 @@ class PackSummary:
     source: Path
     output: Path
     files: list[str]
-    tensors: list[TensorResult] = field(default_factory=list)
+    tensors: list[TensorOutcome] = field(default_factory=list)
     seconds: float = 0.0
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
 
     @property
-    def packed(self) -> list[TensorResult]:
+    def packed(self) -> list[TensorOutcome]:
         return [t for t in self.tensors if t.action == "packed"]
 
     @property
-    def passthrough(self) -> list[TensorResult]:
+    def passthrough(self) -> list[TensorOutcome]:
         return [t for t in self.tensors if t.action == "passthrough"]
 
     @property
@@ -171,7 +170,7 @@ class PackSummary:
         return sum(errors) / len(errors) if errors else None
 
     @property
-    def error_worst(self) -> TensorResult | None:
+    def error_worst(self) -> TensorOutcome | None:
         candidates = [t for t in self.packed if t.rel_error is not None]
         return max(candidates, key=lambda t: t.rel_error) if candidates else None
 
@@ -302,26 +301,6 @@ def _slabs(rows: int, cols: int, slab_elements: int) -> list[tuple[int, int]]:
     return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
 
-# numba's "workqueue" threading layer (used when neither TBB nor OpenMP is available)
-# aborts the process on concurrent parallel calls from two Python threads; the OpenMP and
-# TBB layers, and torch, are fine. Codec calls are serialised until the layer is known to
-# allow concurrency.
-_CODEC_LOCK = threading.Lock()
-_codec_concurrent: bool | None = None  # None: not known yet
-
-
-@contextlib.contextmanager
-def _codec_guard() -> Iterator[None]:
-    """Run a codec call, serialised unless concurrent calls are known to be safe."""
-    global _codec_concurrent
-    if _codec_concurrent:
-        yield
-        return
-    with _CODEC_LOCK:
-        yield
-        _codec_concurrent = _fused.allows_concurrent_calls()
-
-
 def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int, int], hi: HiFormat | None,
                    with_error: bool) -> tuple[PackedTensor, float, float, int]:
     """Read rows ``r0:r1`` and quantize them; also the squared error, the squared norm and
@@ -330,7 +309,7 @@ def _quantize_slab(checkpoint: Checkpoint, state: _TensorState, rows: tuple[int,
     weight = checkpoint.get(name, rows=rows)
     params = state.plan.params if hi is None else state.plan.params.with_(hi=hi)
     if params.method is Method.RTN and params.scale_rule is ScaleRule.ABSMAX:
-        with _codec_guard():
+        with _fused.codec_call():
             packed = quantize(weight, params, act_sq=state.act_sq, name=name)
     else:  # torch only: rows are independent, so slab by slab equals the whole tensor
         packed = quantize_gptq(weight, params, state.hessian, act_sq=state.act_sq, name=name)
@@ -358,7 +337,7 @@ def _slab_error(weight: torch.Tensor, packed: PackedTensor) -> tuple[float, floa
         packed = PackedTensor(packed.data[a:a + count], packed.mask[a:a + count], packed.scale[a:a + count],
                               replace(packed.spec, shape=(count, cols)))
     w = weight.float().reshape(-1)
-    with _codec_guard():
+    with _fused.codec_call():
         decoded = dequantize(packed, torch.float32)
     diff = decoded.reshape(-1).sub_(w)
     return float(torch.dot(diff, diff)), float(torch.dot(w, w)), weight.shape[0]
@@ -465,7 +444,7 @@ class _PackJob:
         self.bytes_done = 0
         self.tensors_total = len(plan.tensors)
         self.bytes_total = plan.bytes_in
-        self.results: dict[str, TensorResult] = {}
+        self.results: dict[str, TensorOutcome] = {}
 
     def _prepared_hessian(self, item: TensorPlan) -> PreparedHessian | None:
         """The factored Hessian of a gptq tensor (once per distinct Hessian), else None."""
@@ -483,11 +462,11 @@ class _PackJob:
         if self.progress is not None:
             self.progress(PackProgress(self.tensors_done, self.tensors_total, self.bytes_done, self.bytes_total, current))
 
-    def run_file(self, tmp: Path) -> list[TensorResult]:
+    def run_file(self, tmp: Path) -> list[TensorOutcome]:
         self._write_file(tmp, self.plan.tensors)
         return [self.results[t.name] for t in self.plan.tensors]
 
-    def run_dir(self, tmp: Path) -> tuple[list[TensorResult], list[str]]:
+    def run_dir(self, tmp: Path) -> tuple[list[TensorOutcome], list[str]]:
         weight_map: dict[str, str] = {}
         files: list[str] = []
         total_size = 0
@@ -595,7 +574,7 @@ class _PackJob:
             self.bytes_done += len(chunk)
             self._report(item.name)
         self.tensors_done += 1
-        self.results[item.name] = TensorResult(
+        self.results[item.name] = TensorOutcome(
             item.name, "passthrough", item.entry.dtype, item.shape, item.bytes_in, item.bytes_in, item.reason
         )
         self._report(item.name)
@@ -656,7 +635,7 @@ class _PackJob:
         if self.with_error:
             rel_error = 0.0 if state.norm_sq == 0 else math.sqrt(state.err_sq / state.norm_sq)
         self.tensors_done += 1
-        self.results[item.name] = TensorResult(
+        self.results[item.name] = TensorOutcome(
             item.name, "packed", item.entry.dtype, item.shape, item.bytes_in, spec.stored_bytes, item.reason,
             spec=spec, rel_error=rel_error, predicted_rel_error=item.predicted_rel_error,
             error_rows=state.error_rows,

@@ -108,7 +108,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 @dataclass(frozen=True)
-class TensorResult:
+class TensorVerdict:
     """The verdict on one quantized tensor.
 
     ``activations`` is ``"gaussian"`` or ``"stats"`` (real rows from the stats file);
@@ -171,7 +171,7 @@ class VerifyReport:
     rows: int
     seed: int
     max_rel_error: float
-    tensors: list[TensorResult]
+    tensors: list[TensorVerdict]
     passthrough_checked: int
     integrity: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -181,7 +181,7 @@ class VerifyReport:
         return all(t.passed for t in self.tensors)
 
     @property
-    def failures(self) -> list[TensorResult]:
+    def failures(self) -> list[TensorVerdict]:
         return [t for t in self.tensors if not t.passed]
 
     @property
@@ -372,27 +372,10 @@ def verify(
         integrity = ["format", "crc32"]
         ref_ckpt = open_checkpoint(reference) if reference is not None else None
         try:
-            # Phase 1: integrity of everything before any arithmetic.
-            passthrough = 0
             if ref_ckpt is not None:
-                if ref_ckpt.specs:
-                    raise UMQError("the reference is itself a packed checkpoint; pass the unquantized source",
-                                   rule="reference-mismatch", file=ref_ckpt.path)
                 integrity += ["reference-shapes", "reference-dtypes", "reference-hi", "passthrough-bytes"]
-            hi_checked: dict[str, int] = {}
-            for index, name in enumerate(names):
-                if progress is not None:
-                    progress(f"integrity: {name}", index, len(names))
-                packed = checkpoint.packed(name, check_crc=True)
-                _check_sample(stats, name, packed.spec, activations)
-                if ref_ckpt is not None:
-                    check_reference_entry(ref_ckpt, name, packed.spec)
-                    hi_checked[name] = check_hi_values(
-                        packed, ref_ckpt.get(name), name=name, file=checkpoint.spec_files[name]
-                    )
-                del packed
-            if ref_ckpt is not None:
-                passthrough = check_passthrough(checkpoint, ref_ckpt)
+            # Phase 1: integrity of everything before any arithmetic.
+            hi_checked, passthrough = _check_integrity(checkpoint, ref_ckpt, names, stats, activations, progress)
             # Phase 2: matmul error, one tensor in memory at a time.
             results = []
             for index, name in enumerate(names):
@@ -421,6 +404,28 @@ def verify(
     )
 
 
+def _check_integrity(checkpoint: Checkpoint, ref_ckpt: Checkpoint | None, names: Sequence[str], stats,
+                     activations, progress: ProgressCallback | None) -> tuple[dict[str, int], int]:
+    """Phase 1: every FORMAT rule and crc32 of ``names``, the stats' column counts, and
+    with a reference its shapes, dtypes, hi values and pass-through bytes. Returns the hi
+    values compared per tensor and the pass-through tensors compared."""
+    if ref_ckpt is not None and ref_ckpt.specs:
+        raise UMQError("the reference is itself a packed checkpoint; pass the unquantized source",
+                       rule="reference-mismatch", file=ref_ckpt.path)
+    hi_checked: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if progress is not None:
+            progress(f"integrity: {name}", index, len(names))
+        packed = checkpoint.packed(name, check_crc=True)
+        _check_sample(stats, name, packed.spec, activations)
+        if ref_ckpt is not None:
+            check_reference_entry(ref_ckpt, name, packed.spec)
+            hi_checked[name] = check_hi_values(packed, ref_ckpt.get(name), name=name, file=checkpoint.spec_files[name])
+        del packed
+    passthrough = check_passthrough(checkpoint, ref_ckpt) if ref_ckpt is not None else 0
+    return hi_checked, passthrough
+
+
 def _check_sample(stats, name: str, spec: TensorSpec, file) -> None:
     """The stats file's input rows for ``name`` (if any) have the weight's column count."""
     item = None if stats is None else stats.get(name)
@@ -439,7 +444,7 @@ def _input_rows(name: str, spec: TensorSpec, stats, rows: int, seed: int) -> tup
     return gaussian_rows(name, rows, spec.columns, seed), "gaussian"
 
 
-def _verify_tensor(checkpoint, ref_ckpt, stats, compute, name, rows, seed, max_rel_error, hi_checked) -> TensorResult:
+def _verify_tensor(checkpoint, ref_ckpt, stats, compute, name, rows, seed, max_rel_error, hi_checked) -> TensorVerdict:
     started = time.perf_counter()
     spec = checkpoint.specs[name]
     # Phase 1 validated these bytes (crc32 and every FORMAT rule); the re-read trusts them.
@@ -459,7 +464,7 @@ def _verify_tensor(checkpoint, ref_ckpt, stats, compute, name, rows, seed, max_r
     else:
         y_ref = x @ dequantize(packed, torch.float32).T
         reference = "decoded"
-    return TensorResult(
+    return TensorVerdict(
         name=name,
         spec=spec,
         rows=int(x.shape[0]),
@@ -531,7 +536,7 @@ def junit_error_xml(packed: str | Path, error: UMQError) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(suite, encoding="unicode") + "\n"
 
 
-def _summary_line(result: TensorResult) -> str:
+def _summary_line(result: TensorVerdict) -> str:
     e = result.error
     parts = [
         f"shape={list(result.spec.shape)} k={result.spec.k} lo={result.spec.lo.value} block={result.spec.block}",

@@ -6,12 +6,12 @@ never a model."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
+from .._fused import torch_threads
 from ..errors import UMQError
 from ..progress import ProgressFn, no_progress
 from ..stats import ChannelStats
@@ -148,18 +148,6 @@ class SearchResult:
         return math.sqrt(self.average_error)
 
 
-@contextmanager
-def _torch_threads(threads: int | None):
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def search_recipe(
     weights: Mapping[str, torch.Tensor],
@@ -190,7 +178,7 @@ def search_recipe(
         raise UMQError("give exactly one of budget_bits and max_rel_error", rule="target")
     choices = []
     total = len(weights)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for i, name in enumerate(weights):
             weight = weights[name]  # a lazy mapping reads one tensor at a time
             item = None if stats is None else stats.get(name)
