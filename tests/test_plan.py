@@ -56,7 +56,7 @@ def test_include_exclude_patterns(model: Path) -> None:
     assert decided[Q] is None  # not included
     assert decided[DOWN1] is None and decided["model.layers.1.mlp.gate_proj.weight"] == "flags"
     reasons = {t.name: t.reason for t in plan.passthrough}
-    assert reasons[Q] == "not matched by any --include"
+    assert reasons[Q] == "not matched by any include pattern"
     assert reasons[DOWN1] == r"excluded by the pattern re:layers\.1\.mlp\.(up|down)"
 
 

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .errors import UMQError
 from .format import GROUP, QuantParams, TensorSpec
 from .io import Checkpoint, TensorEntry
-from .recipe import Recipe
+from .recipe import Recipe, RecipeEntry
 
 FLOAT_CODES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -206,6 +206,18 @@ def make_plan(
     excludes = [Pattern(p) for p in exclude]
     default_ex = [(Pattern(p), why) for p, why in default_exclusions.items()]
     recipe_entries = recipe.tensors if recipe is not None else {}
+    _check_recipe_entries(checkpoint, recipe_entries)
+    recipe_defaults = recipe.defaults if recipe is not None else None
+    plan = Plan()
+    for name in checkpoint.names():
+        plan.tensors.append(_decide(name, checkpoint.entry(name), defaults, includes, excludes, default_ex,
+                                    recipe_entries, recipe_defaults))
+    return plan
+
+
+def _check_recipe_entries(checkpoint: Checkpoint, recipe_entries: Mapping[str, RecipeEntry]) -> None:
+    """Every tensor a recipe names exists, and the quantized ones can be (rule
+    ``recipe-tensor``: 2-D float, a block that divides the columns)."""
     for name, item in recipe_entries.items():
         if name not in checkpoint:
             raise UMQError("the recipe names a tensor this checkpoint does not have",
@@ -220,43 +232,35 @@ def make_plan(
             except UMQError as exc:
                 raise exc.located(file=checkpoint.path, tensor=name)
 
-    plan = Plan()
-    for name in checkpoint.names():
-        entry = checkpoint.entry(name)
 
-        def passthrough(reason: str) -> None:
-            plan.tensors.append(TensorPlan(name, entry, None, reason))
+def _decide(name: str, entry: TensorEntry, defaults: QuantParams, includes: list[Pattern], excludes: list[Pattern],
+            default_ex: list[tuple[Pattern, str]], recipe_entries: Mapping[str, RecipeEntry],
+            recipe_defaults: QuantParams | None) -> TensorPlan:
+    """One tensor's fate, first rule that applies wins (see the module docstring)."""
 
-        why_not = quantizable(entry)
-        if why_not:
-            passthrough(why_not)
-            continue
-        hit = _first_match(excludes, name)
-        if hit:
-            passthrough(f"excluded by the pattern {hit.text}")
-            continue
-        item = recipe_entries.get(name)
-        if item is not None:
-            if item.params is None:
-                passthrough(f"recipe keeps it 16-bit{': ' + item.reason if item.reason else ''}")
-            else:
-                plan.tensors.append(TensorPlan(name, entry, item.params, "recipe", item.predicted_rel_error))
-            continue
-        included = _first_match(includes, name)
-        if includes and not included:
-            passthrough("not matched by any --include")
-            continue
-        if not included:
-            default_hit = next(((p, why) for p, why in default_ex if p.matches(name)), None)
-            if default_hit:
-                passthrough(f"default exclusion {default_hit[0].text}: {default_hit[1]}")
-                continue
-        params = defaults
-        cols = entry.shape[1]
-        block = params.block or cols
-        if cols % block:
-            passthrough(f"block {block} does not divide its {cols} columns")
-            continue
-        source = "recipe defaults" if recipe is not None and recipe.defaults is params else "flags"
-        plan.tensors.append(TensorPlan(name, entry, params, source))
-    return plan
+    def passthrough(reason: str) -> TensorPlan:
+        return TensorPlan(name, entry, None, reason)
+
+    why_not = quantizable(entry)
+    if why_not:
+        return passthrough(why_not)
+    hit = _first_match(excludes, name)
+    if hit:
+        return passthrough(f"excluded by the pattern {hit.text}")
+    item = recipe_entries.get(name)
+    if item is not None:
+        if item.params is None:
+            return passthrough(f"recipe keeps it 16-bit{': ' + item.reason if item.reason else ''}")
+        return TensorPlan(name, entry, item.params, "recipe", item.predicted_rel_error)
+    included = _first_match(includes, name)
+    if includes and not included:
+        return passthrough("not matched by any include pattern")
+    if not included:
+        default_hit = next(((p, why) for p, why in default_ex if p.matches(name)), None)
+        if default_hit:
+            return passthrough(f"default exclusion {default_hit[0].text}: {default_hit[1]}")
+    cols = entry.shape[1]
+    block = defaults.block or cols
+    if cols % block:
+        return passthrough(f"block {block} does not divide its {cols} columns")
+    return TensorPlan(name, entry, defaults, "recipe defaults" if recipe_defaults is defaults else "flags")
