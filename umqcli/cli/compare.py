@@ -56,34 +56,41 @@ def compare_command(
     (FP8 per-channel and 1x128 blocks, MXFP8, INT8 per-channel, LLM.int8(), INT4 groups,
     NF4), per tensor and weighted by element count; the Pareto front is marked."""
     if png is not None:
-        # Fail before minutes of work, not after.
-        if png.exists() and src.exists() and png.resolve() == src.resolve():
-            raise fail(f"--png {png} is the source checkpoint; refusing to overwrite an input")
-        if not png.resolve().parent.is_dir():
-            raise fail(f"--png {png}: the parent directory does not exist")
-    if as_json:
-        report = compare_checkpoint(
-            src, activations=activations, patterns=tensor or (), x_rows=x_rows,
-            weight_rows=weight_rows, seed=seed, workers=workers,
-        )
-    else:
-        with progress_bar(
-            TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
-        ) as bar:
-            task = bar.add_task("", total=None)
-
-            def progress(stage: str, done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            report = compare_checkpoint(
-                src, activations=activations, patterns=tensor or (), x_rows=x_rows,
-                weight_rows=weight_rows, seed=seed, workers=workers, progress=progress,
-            )
+        _check_png_target(png, src)  # fail before minutes of work, not after
+    options = dict(activations=activations, patterns=tensor or (), x_rows=x_rows, weight_rows=weight_rows,
+                   seed=seed, workers=workers)
+    report = _run(src, options, as_json)
     if png is not None:
         _write_png(report, png)
     if as_json:
         print_json(report.to_json())
         return
+    render_report(report, per_tensor=per_tensor, png=png)
+
+
+def _check_png_target(png: Path, src: Path) -> None:
+    if png.exists() and src.exists() and png.resolve() == src.resolve():
+        raise fail(f"--png {png} is the source checkpoint; refusing to overwrite an input")
+    if not png.resolve().parent.is_dir():
+        raise fail(f"--png {png}: the parent directory does not exist")
+
+
+def _run(src: Path, options: dict, as_json: bool) -> CompareReport:
+    """compare_checkpoint(), with a progress bar on stderr unless the output is JSON."""
+    if as_json:
+        return compare_checkpoint(src, **options)
+    with progress_bar(
+        TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return compare_checkpoint(src, progress=progress, **options)
+
+
+def render_report(report: CompareReport, *, per_tensor: bool, png: Path | None) -> None:
     console.print(format_table(report))
     console.print(budget_table(report))
     if per_tensor:
