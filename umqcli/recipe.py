@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UMQError
-from .format import FORMAT_VERSION, QuantParams, Selection
+from .format import FORMAT_VERSION, Method, QuantParams, ScaleRule, Selection
 
 RECIPE_VERSION = 1
 _ENTRY_KEYS = {"params", "predicted_rel_error", "bits_per_element", "reason"}
@@ -88,9 +88,11 @@ class Recipe:
 
     @property
     def uses_activations(self) -> bool:
-        """Whether some tensor (or the defaults) selects hi positions by activations."""
-        params = [e.params for e in self.tensors.values()] + [self.defaults]
-        return any(p is not None and p.selection is Selection.ACTIVATION for p in params)
+        """Whether some tensor (or the defaults) needs the statistics: activation or
+        saliency selection, the gptq method, or Hessian-weighted clipping."""
+        params = [p for p in [e.params for e in self.tensors.values()] + [self.defaults] if p is not None]
+        return any(p.selection in (Selection.ACTIVATION, Selection.SALIENCY) or p.method is Method.GPTQ
+                   or p.scale_rule is ScaleRule.CLIP_HESSIAN for p in params)
 
     def statistics_file(self, given: str | Path | None = None) -> Path | None:
         """The activation statistics to pack with: ``given``, else (when some tensor
