@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from umqcli.format import QuantParams  # noqa: E402
-from umqcli.nn import configure, load_hf, umq_linears, weight_memory  # noqa: E402
+from umqcli.integrations.transformers import load_hf  # noqa: E402
+from umqcli.nn import configure, umq_linears, weight_memory  # noqa: E402
 from umqcli.pack import pack  # noqa: E402
 from umqcli.unpack import unpack  # noqa: E402
 

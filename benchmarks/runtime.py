@@ -138,7 +138,8 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int, repeat: int) -> tu
 def end_to_end(threads: int, new_tokens: int, repeat: int) -> None:
     import transformers
 
-    from umqcli.nn import load_hf, weight_memory
+    from umqcli import load_hf
+    from umqcli.nn import weight_memory
     from umqcli.pack import pack
 
     transformers.logging.set_verbosity_error()

@@ -15,7 +15,8 @@ from torch import nn
 from umqcli.codec import dequantize, quantize
 from umqcli.errors import UMQError
 from umqcli.format import LoFormat, QuantParams
-from umqcli.nn import PackedWeight, UMQLinear, load_hf, quantize_model, umq_linears, weight_memory
+from umqcli.integrations.transformers import load_hf
+from umqcli.nn import PackedWeight, UMQLinear, quantize_model, umq_linears, weight_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -28,7 +28,8 @@ from umqcli.codec import byte_offsets, crc32, unpack_mask
 from umqcli.errors import UMQError
 from umqcli.format import META_TENSORS, META_TENSORS_CRC, QuantParams
 from umqcli.io import INDEX_NAME, read_header
-from umqcli.nn import UMQLinear, load_hf, register_hf, umq_linears
+from umqcli.integrations.transformers import load_hf, register
+from umqcli.nn import UMQLinear, umq_linears
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 runner = CliRunner()
@@ -210,7 +211,7 @@ def test_python_loaders_refuse(damaged) -> None:
     if tensor is not None:
         assert info.value.tensor == tensor
     if case_id not in TRANSFORMERS_READS_FIRST:
-        register_hf()
+        register()
         with pytest.raises(UMQError) as info:
             transformers.BertModel.from_pretrained(target)
         assert info.value.rule == rule

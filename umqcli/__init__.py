@@ -12,7 +12,21 @@ __version__ = "0.1.0"
 from .codec import PackedTensor, dequantize, quantize, weight_error
 from .errors import UMQError
 from .format import FORMAT_VERSION, HiFormat, LoFormat, QuantParams, ScaleRule, Selection, TensorSpec
-from .nn import UMQLinear, load_hf
+from .integrations import register_when_transformers_loads
+from .nn import UMQLinear
+
+# `from_pretrained(packed_dir)` knows quant_method "umq" once transformers loads its
+# quantizer table; transformers itself is not imported here.
+register_when_transformers_loads()
+
+
+def __getattr__(name: str):
+    # load_hf lives with the transformers integration, imported on first use.
+    if name == "load_hf":
+        from .integrations.transformers import load_hf
+
+        return load_hf
+    raise AttributeError(f"module 'umqcli' has no attribute {name!r}")
 
 __all__ = [
     "FORMAT_VERSION",

@@ -32,6 +32,8 @@ META_TENSORS = "umq.tensors"
 # Optional: name -> CRC-32 of the tensor's umq.tensors entry (docs/validation.md), so a
 # flipped dtype or swapped lo/hi in the header is caught like a flipped data byte.
 META_TENSORS_CRC = "umq.tensors.crc32"
+# config.json's quantization_config.quant_method in a packed model directory.
+QUANT_METHOD = "umq"
 
 
 class LoFormat(str, Enum):

@@ -9,26 +9,19 @@ without any renaming. The forward computes ``x @ Ŵᵀ + b`` through
 :func:`umqcli.backends.get_backend`: the fused CUDA kernel when the input is on a GPU and
 CuPy is present, the torch reference path (decode, then a float32 matmul) elsewhere.
 
-:func:`load_hf` builds a ``transformers`` model from a directory written by ``umq pack``:
-it registers a ``"umq"`` quantizer with transformers (so ``config.json``'s
-``quantization_config`` is honoured by ``from_pretrained`` itself), which swaps every
-``nn.Linear`` whose weight is packed for a :class:`UMQLinear` before the weights are
-read; everything else loads as usual.
+Loading packed Hugging Face models (the ``"umq"`` quantizer of transformers, and
+``load_hf``) lives in :mod:`umqcli.integrations.transformers`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .codec import PackedTensor, quantize
-from ._optional import require, transformers_quiet
 from .errors import UMQError
 from .format import (
     DATA_SUFFIX,
@@ -37,8 +30,6 @@ from .format import (
     QuantParams,
     TensorSpec,
 )
-
-QUANT_METHOD = "umq"
 
 # --------------------------------------------------------------------------- the packed weight
 
@@ -60,6 +51,10 @@ class PackedWeight(nn.Module):
     umq_data: torch.Tensor
     umq_mask: torch.Tensor
     umq_scale: torch.Tensor
+    # Its bytes come from the file: transformers' init helpers skip tensors flagged so, which
+    # keeps an ``_init_weights`` that touches a child's weight by name (CLIP's
+    # ``init.normal_(module.q_proj.weight)``) from writing into a packed weight.
+    _is_hf_initialized = True
 
     def __init__(self, spec: TensorSpec, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -332,7 +327,7 @@ def configure(model: nn.Module, *, backend: str | None = None, cache_decoded: bo
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -358,7 +353,7 @@ def quantize_model(
     packed = {}
     for name, module in targets:
         layer = UMQLinear.from_linear(module, params, name=f"{name}.weight", backend=backend, cache_decoded=cache_decoded)
-        _set_submodule(model, name, layer)
+        replace_submodule(model, name, layer)
         packed[f"{name}.weight"] = layer.packed
     return packed
 
@@ -405,234 +400,13 @@ def weight_memory(model: nn.Module) -> WeightMemory:
     return WeightMemory(packed=packed, dense=dense, decode_cache=cache)
 
 
-# --------------------------------------------------------------------------- transformers
-
-
-def _read_quantization_config(path: Path) -> dict[str, Any]:
-    config_file = path / "config.json"
-    if not path.exists():
-        raise UMQError("does not exist (load_hf reads a model directory written by umq pack)",
-                       rule="missing", file=path)
-    if not config_file.is_file():
-        raise UMQError("not a model directory: config.json is missing", rule="hf-config", file=path)
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UMQError(f"config.json is not valid JSON ({exc})", rule="hf-config", file=config_file) from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        found = qc.get("quant_method") if isinstance(qc, dict) else None
-        raise UMQError(
-            f"config.json has no quantization_config with quant_method 'umq' (found {found!r}); "
-            "was this directory written by umq pack?",
-            rule="quantization-config",
-            file=config_file,
-        )
-    return config
-
-
-def _module_for(model: nn.Module, weight_name: str) -> tuple[str, nn.Module | None]:
-    """The module that owns checkpoint tensor ``weight_name`` (``<module>.weight``),
-    trying the model's ``base_model_prefix`` both ways as transformers' loader does."""
-    module_name = weight_name.rsplit(".", 1)[0] if weight_name.endswith(".weight") else None
-    if module_name is None:
-        return weight_name, None
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [module_name]
-    if prefix:
-        candidates += [f"{prefix}.{module_name}", module_name.removeprefix(prefix + ".")]
-    for candidate in candidates:
-        try:
-            return candidate, model.get_submodule(candidate)
-        except AttributeError:
-            continue
-    return module_name, None
-
-
-_REGISTERED = False
-
-
-def register_hf() -> None:
-    """Teach ``transformers`` the ``"umq"`` quantization method (idempotent).
-
-    Afterwards ``AutoModel.from_pretrained(packed_dir)`` swaps the packed linear layers
-    for :class:`UMQLinear` on its own; :func:`load_hf` calls this first.
-    """
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    require("transformers", extra="hf", purpose="loading a packed Hugging Face model")
-    from transformers.quantizers.auto import (
-        AUTO_QUANTIZATION_CONFIG_MAPPING,
-        AUTO_QUANTIZER_MAPPING,
-    )
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.utils.quantization_config import QuantizationConfigMixin
-
-    class UMQConfig(QuantizationConfigMixin):
-        """``quantization_config`` of a packed model: ``quant_method: "umq"`` plus
-        whatever ``umq pack`` recorded (format version, parameters), kept verbatim."""
-
-        def __init__(self, quant_method: str = QUANT_METHOD, **recorded: Any) -> None:
-            self.quant_method = quant_method
-            for key, value in recorded.items():
-                setattr(self, key, value)
-
-        def to_dict(self) -> dict[str, Any]:
-            return dict(self.__dict__)
-
-    class UMQHfQuantizer(HfQuantizer):
-        """Loads checkpoints written by ``umq pack`` (pre-quantized only)."""
-
-        requires_calibration = True  # umq never quantizes inside from_pretrained
-
-        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            # The packed tensors' specs live in the safetensors headers, not in config.json;
-            # reading them holds the directory to every umq reader rule before transformers
-            # reads a tensor.
-            from .load_checks import packed_directory_specs
-
-            specs, spec_files = packed_directory_specs(checkpoint_files or [])
-            if not specs:
-                # Loading on would leave every linear weight missing, i.e. randomly
-                # initialised, with only a log line from transformers.
-                raise UMQError(
-                    "config.json says quant_method 'umq' but no safetensors header lists "
-                    f"packed tensors (umq.tensors) in {len(checkpoint_files or [])} file(s)",
-                    rule="not-packed",
-                )
-            self.decode_on_load: dict[str, TensorSpec] = {}
-            self.layer_sources: dict[str, tuple[str, Path]] = {}
-            for name, spec in specs.items():
-                module_name, module = _module_for(model, name)
-                if isinstance(module, nn.Linear) and tuple(module.weight.shape) == spec.shape:
-                    with torch.device("meta"):
-                        layer = UMQLinear(spec, bias=module.bias is not None, dtype=getattr(module.bias, "dtype", None))
-                    _set_submodule(model, module_name, layer)
-                    self.layer_sources[module_name] = (name, spec_files[name])
-                else:
-                    # Packed but not held by an nn.Linear (e.g. an embedding table): the
-                    # loader leaves it missing; it is decoded into its dense parameter
-                    # after loading.
-                    self.decode_on_load[name] = spec
-            self.checkpoint_files = list(checkpoint_files or [])
-            return model
-
-        def _process_model_after_weight_loading(self, model, **kwargs):
-            from .load_checks import check_loaded_layers
-
-            # Every FORMAT §7 reader rule, crc32 included: about one pass over the bytes;
-            # a layer transformers left unfilled fails here, named.
-            check_loaded_layers(umq_linears(model), self.layer_sources)
-            if self.decode_on_load:
-                _decode_into(model, self.checkpoint_files, self.decode_on_load)
-            return model
-
-        def is_serializable(self, **kwargs) -> bool:
-            # save_pretrained would write the packed buffers without the umq.tensors
-            # header metadata that makes them readable: refuse (pack the source instead).
-            return False
-
-        @property
-        def is_trainable(self) -> bool:
-            return False
-
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = UMQConfig
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = UMQHfQuantizer
-    _REGISTERED = True
-
-
-def _decode_into(model: nn.Module, files: Iterable[str], specs: Mapping[str, TensorSpec]) -> None:
-    """Decode packed tensors that no UMQLinear holds into the model's dense parameters."""
-    from .io import open_checkpoint
-
-    state_names = set(model.state_dict().keys())
-    for file in files:
-        with open_checkpoint(file) as checkpoint:
-            for name in checkpoint.specs:
-                if name not in specs:
-                    continue
-                target = name if name in state_names else f"{model.base_model_prefix}.{name}"
-                if target not in state_names:
-                    continue
-                packed = checkpoint.packed(name)
-                param = model.get_parameter(target)
-                if tuple(param.shape) != tuple(specs[name].shape):
-                    raise UMQError(
-                        f"packed as {list(specs[name].shape)} but the model's '{target}' is {list(param.shape)}",
-                        rule="shape", file=file, tensor=name,
-                    )
-                with torch.no_grad():
-                    param.copy_(_dequantize(packed, param.dtype))
-
-
-def _dequantize(packed: PackedTensor, dtype: torch.dtype) -> torch.Tensor:
-    from .backends import get_backend
-
-    return get_backend("torch").decode(packed, dtype)
-
-
-def _safetensors_error() -> type[Exception]:
-    from safetensors import SafetensorError
-
-    return SafetensorError
-
-
-def load_hf(
-    path: str | os.PathLike,
-    *,
-    model_class: Any = None,
-    backend: str = "auto",
-    cache_decoded: bool = False,
-    **from_pretrained_kwargs: Any,
-) -> nn.Module:
-    """A transformers model from a packed model directory written by ``umq pack``.
-
-    Every ``nn.Linear`` whose weight is packed becomes a :class:`UMQLinear` holding the
-    packed bytes (checked against their crc32 after loading); all other tensors load as
-    transformers loads them. ``model_class`` defaults to the first entry of
-    ``config.json``'s ``architectures`` (else ``AutoModel``); ``from_pretrained_kwargs``
-    go to ``from_pretrained`` (e.g. ``dtype=torch.float16`` for the non-packed tensors
-    and biases). Raises :class:`UMQError` (rule ``quantization-config``) for a directory
-    without a ``"umq"`` ``quantization_config``. Returns the model in eval mode.
-    """
-    from .load_checks import check_directory_before_loading
-
-    path = Path(path)
-    config = _read_quantization_config(path)
-    check_directory_before_loading(path)  # every umq reader rule, before transformers reads
-    register_hf()
-    import transformers
-
-    if model_class is None:
-        architectures = config.get("architectures") or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        model_class = model_class or transformers.AutoModel
-    try:
-        with transformers_quiet():
-            model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
-    except UMQError as exc:
-        raise exc.located(file=path)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, _safetensors_error()) as exc:
-        # What transformers (or safetensors under it) raises about the files it read
-        # itself: the same one line as every umq error; the cause stays chained.
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise UMQError(f"transformers could not load it: {type(exc).__name__}: {first_line}",
-                       rule="transformers", file=path) from exc
-    configure(model, backend=backend, cache_decoded=cache_decoded)
-    return model.eval()
-
-
 __all__ = [
     "PackedWeight",
     "UMQLinear",
     "WeightMemory",
     "configure",
-    "load_hf",
     "quantize_model",
-    "register_hf",
+    "replace_submodule",
     "umq_linears",
     "weight_memory",
 ]

@@ -39,7 +39,7 @@ import torch
 from . import _fused
 from .codec import PackedTensor, dequantize, quantize
 from .errors import UMQError
-from .format import (DATA_SUFFIX, FORMAT_VERSION, MASK_SUFFIX, SCALE_SUFFIX, HiFormat, Method, QuantParams, ScaleRule,
+from .format import (DATA_SUFFIX, FORMAT_VERSION, MASK_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, HiFormat, Method, QuantParams, ScaleRule,
                      Selection, TensorSpec, encode_metadata)
 from .gptq import PreparedHessian, prepare_hessian, quantize_gptq
 from .io import (
@@ -215,7 +215,7 @@ def quantization_config(defaults: QuantParams, recipe: Recipe | None, packed: in
     Per-tensor parameters live in each shard's ``umq.tensors``; this records how the model
     was packed (defaults, whether a recipe was used) so loaders know to expect umq.
     """
-    config: dict[str, Any] = {"quant_method": "umq", "format_version": FORMAT_VERSION}
+    config: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
     config.update(defaults.to_json())
     config["recipe"] = recipe is not None
     config["quantized_tensors"] = packed
