@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from umqcli import codec
 from umqcli.baselines import (
     BASELINES,
     LLM_INT8_THRESHOLD,
@@ -23,6 +24,7 @@ from umqcli.baselines import (
     mx_scale_exponents,
 )
 from umqcli.errors import UMQError
+from umqcli.format import QuantParams
 
 
 def _weight(rows: int = 96, cols: int = 256, seed: int = 0) -> torch.Tensor:
@@ -73,6 +75,16 @@ def test_fp8_blocks_match_ml_dtypes():
     # Finer scales never lose to one per row on this wide-range tensor.
     err = lambda wh: float((wh - w).norm() / w.norm())  # noqa: E731
     assert err(fake_quant_fp8_blocks(w, "e4m3", 128)) <= err(fake_quant_fp8_channel(w, "e4m3"))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_row_blocks_are_umq_k0(fmt):
+    """Per channel and 1x128 FP8 are UMQ k = 0 with a row / 128-column scale: the same
+    values as the codec's round trip, bit for bit."""
+    w = torch.randn(16, 256) * torch.rand(256) * 4
+    for block, ours in ((0, fake_quant_fp8_channel(w, fmt)), (128, fake_quant_fp8_blocks(w, fmt, 128, 1))):
+        packed = codec.quantize(w, QuantParams(k=0, lo=f"fp8_{fmt}", block=block))
+        assert torch.equal(ours, codec.dequantize(packed, torch.float32)), block
 
 
 def test_fp8_e5m2_clamps_instead_of_overflowing():

@@ -621,6 +621,53 @@ def test_bad_source_refused() -> None:
     assert _rule(lambda: codec.quantize(torch.ones(2, 8), QuantParams(selection="activation"), act_sq=-torch.ones(8))).rule == "activation-stats"
 
 
+# --------------------------------------------------------------------------- fake quantize
+
+
+@pytest.mark.parametrize("lo", list(LoFormat))
+@pytest.mark.parametrize("dtype", _SOURCE_DTYPES)
+def test_fake_quantize_is_the_codec_round_trip(lo: LoFormat, dtype: torch.dtype) -> None:
+    """fake_quantize == dequantize(quantize(...)) bit for bit, in the source dtype and in
+    float32, for every k, selection and block (with a zero block: scale 0), and one
+    FakeQuantizer serves them all in any order."""
+    weight = heavy_tailed(24, 256, 17).to(dtype)
+    weight[3, :32] = 0.0  # an all-zero block: scale 0, lo codes 0
+    act_sq = torch.from_numpy(np.random.default_rng(3).gamma(0.5, 2.0, 256).astype(np.float32))
+    shared = codec.FakeQuantizer(weight, act_sq)
+    for k in (0, 1, 5, 8):
+        for selection in (Selection.MAGNITUDE, Selection.ERROR, Selection.ACTIVATION):  # saliency is gptq's
+            for block in (0, 32):
+                params = QuantParams(k=k, lo=lo, block=block, selection=selection)
+                packed = codec.quantize(weight, params, act_sq=act_sq)
+                mask, hi = shared.select(params)
+                assert torch.equal(codec.mask_bits(mask), packed.mask) and hi is packed.spec.hi, params
+                for out in (None, torch.float32):
+                    assert torch.equal(shared.values(params, dtype=out), codec.dequantize(packed, out)), (params, out)
+    params = QuantParams(k=3, lo=lo, block=128, selection="activation")
+    for out in (None, torch.float32):
+        expected = codec.dequantize(codec.quantize(weight, params, act_sq=act_sq), out)
+        assert torch.equal(codec.fake_quantize(weight, params, act_sq=act_sq, dtype=out), expected)
+    # a given mask overrides the selection, as in quantize
+    mask = codec.select_magnitude(-weight.float(), 2, salience=torch.rand(24, 256))
+    params = QuantParams(k=2, lo=lo, block=32)
+    expected = codec.dequantize(codec.quantize(weight, params, mask=mask), torch.float32)
+    assert torch.equal(codec.fake_quantize(weight, params, mask=mask, dtype=torch.float32), expected)
+
+
+def test_fake_quantize_raises_what_quantize_raises() -> None:
+    weight = heavy_tailed(4, 16, 9)
+    weight[1, 3] = 1.0e6
+    err = _rule(lambda: codec.fake_quantize(weight, QuantParams(k=1, hi="float16")))
+    assert err.rule == "hi-overflow" and "[1, 3]" in err.message
+    auto = codec.fake_quantize(weight, QuantParams(k=1))  # auto: bfloat16 keeps it
+    assert torch.equal(auto, codec.dequantize(codec.quantize(weight, QuantParams(k=1))))
+    assert _rule(lambda: codec.fake_quantize(torch.ones(2, 8), QuantParams(selection="activation"))).rule == "activation-stats"
+    bad = torch.ones(2, 8)
+    bad[0, 0] = float("nan")
+    assert _rule(lambda: codec.fake_quantize(bad, QuantParams())).rule == "finite"
+    assert _rule(lambda: codec.fake_quantize(torch.ones(2, 8), QuantParams(k=1), mask=torch.ones(2, 8, dtype=torch.bool))).rule == "popcount"
+
+
 # --------------------------------------------------------------------------- fused pass
 
 

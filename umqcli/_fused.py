@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .format import HI_KERNEL_CODES, LO_KERNEL_CODES
+from .format import HI_KERNEL_CODES, LO_KERNEL_CODES, LoFormat
 
 # numba is a core dependency, but if it is missing the torch reference path runs. It is
 # imported with the kernels (umqcli/_fused_kernels.py) on first use, not with umqcli.
@@ -205,3 +205,42 @@ def dequantize(data: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, k: i
         _table(lo), _table(hi), dtype == hi_dtype, out_kind, out16, out32, status,
     )
     return out, bool(status.any())
+
+
+SELECTION_CODES = {"magnitude": 0, "error": 1, "activation": 2}
+
+
+def candidate_errors(weight32: torch.Tensor, hi32: torch.Tensor, act_sq: torch.Tensor,
+                     candidates: list[tuple[int, int, LoFormat, str]], *, threads: int | None = None) -> np.ndarray:
+    """float64 ``[N]``: for each candidate ``(k, block columns, lo, selection)`` of the
+    contiguous CPU float32 weight ``[R, C]``, ``sum_j act_sq_j ||W[:, j] - Ŵ[:, j]||^2``
+    where ``Ŵ`` is ``codec.fake_quantize(weight, params, act_sq=act_sq, dtype=float32)``
+    and ``hi32`` (float32 ``[R, C]``) the weight rounded to the hi format.
+
+    The reference twin is that fake-quantize and a float64 sum; the values Ŵ are the
+    same, the sums are in another order (relative difference ~1e-15). Where the error or
+    activation selection picks per block between candidate masks whose errors tie to
+    float32 rounding, this pass (comparing float64 sums) may keep the other one, whose
+    error is equal to that rounding. Rows run in parallel on ``threads`` (default:
+    torch's thread count).
+    """
+    rows, cols = weight32.shape
+    n = len(candidates)
+    out = np.zeros((rows, n), dtype=np.float64)
+    if n == 0:
+        return np.zeros(0)
+    ks = np.array([c[0] for c in candidates], dtype=np.int64)
+    blocks = np.array([c[1] for c in candidates], dtype=np.int64)
+    los = np.array([LO_KERNEL_CODES[c[2]] for c in candidates], dtype=np.int64)
+    selections = np.array([SELECTION_CODES[c[3]] for c in candidates], dtype=np.int64)
+    luts = np.stack([_table(lo.value) for lo in sorted(LO_KERNEL_CODES, key=LO_KERNEL_CODES.get)])  # row = code
+    a = act_sq.detach().float().contiguous()
+    _follow_torch_threads()
+    if threads:
+        numba = kernels().numba
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    kernels()._candidate_errors(
+        weight32.detach().contiguous().numpy(), hi32.detach().contiguous().numpy(), a.numpy(),
+        a.sqrt().numpy(), ks, blocks, los, selections, luts, out,
+    )
+    return out.sum(0)

@@ -299,3 +299,146 @@ def _dequantize(data, mask, scale, k, block, lo_table, hi_table, hi_same, out_ki
                 else:
                     value = hi_value if hi else lo_value
                     out16_row[c] = _f32_to_f16(value) if out_kind == 1 else _f32_to_bf16(value)
+
+
+# --------------------------------------------------------------------------- candidate errors
+# The calibration search's inner loop: the activation-weighted squared error of many
+# configurations of one weight, without building any reconstruction (see
+# umqcli._fused.candidate_errors for the contract and its reference twin).
+
+
+@njit(cache=True)
+def _group_ranks(values, rank, order):
+    """``rank[c]``: how many elements of c's group of 8 beat it (greater value, or equal
+    at a lower position): FORMAT §5's order, so ``rank < k`` is the top-k selection.
+    ``order[g * 8 + r]``: the column of the group's element of rank r (the inverse)."""
+    for g in range(values.shape[0] // 8):
+        base = g * 8
+        for i in range(8):
+            v_i = values[base + i]
+            r = 0
+            for j in range(8):
+                v_j = values[base + j]
+                r += (v_j > v_i) | ((v_j == v_i) & (j < i))
+            rank[base + i] = r
+            order[base + r] = base + i
+
+
+@njit(cache=True)
+def _block_scale(absw, order, k, c0, c1, limit):
+    """FORMAT §4: absmax of the block's lo elements (rank >= k) / MAX, in float32."""
+    amax = np.float32(0.0)
+    for g0 in range(c0, c1, 8):
+        for r in range(k, 8):
+            amax = max(amax, absw[order[g0 + r]])
+    return amax / limit
+
+
+@njit(cache=True)
+def _block_error(w, hi_sq, lo_sq, a, b, order, k, c0, c1, s, lo, limit, lut):
+    """Squared error of one scale block for the mask "rank < k" under lo scale ``s``,
+    weighted two ways: ``(sum a_c d_c^2, sum b_c d_c^2)`` in float64 (``a``: the
+    prediction's weights, ``b``: the selection's). Only the lo elements are encoded; with
+    ``s < 0`` their squared errors are read from ``lo_sq`` instead. A zero scale means
+    every lo element of the block is 0, whose error is 0 under any scale: dividing by 1
+    instead keeps the loop free of a branch."""
+    s_safe = s if s != 0 else np.float32(1.0)
+    err_a = 0.0
+    err_b = 0.0
+    for g0 in range(c0, c1, 8):
+        for r in range(k):
+            c = order[g0 + r]
+            err_a += a[c] * hi_sq[c]
+            err_b += b[c] * hi_sq[c]
+        for r in range(k, 8):
+            c = order[g0 + r]
+            if s < 0:
+                d2 = lo_sq[c]
+            else:
+                x = min(max(w[c] / s_safe, -limit), limit)
+                d = np.float64(w[c]) - np.float64(lut[_encode_lo(x, lo)] * s_safe)
+                d2 = d * d
+            err_a += a[c] * d2
+            err_b += b[c] * d2
+    return err_a, err_b
+
+
+@njit(parallel=True, cache=True)
+def _candidate_errors(w, hi, a, sqrt_a, ks, blocks, los, selections, luts, out):
+    """``out[r, i]``: ``sum_c a_c (w_rc - ŵ_rc)^2`` of row r under candidate i (k, block
+    columns, lo code, selection 0 magnitude / 1 error / 2 activation). The error and
+    activation selections follow ``codec.select_error``: seed mask (magnitude, or
+    salience for activation), the gain of every element under the seed's scales, the
+    top-k gain mask, and per block the mask (magnitude, [salience,] gain) of least
+    error, the earlier one on ties."""
+    rows, cols = w.shape
+    n = ks.shape[0]
+    ones = np.ones(cols, dtype=np.float64)
+    a64 = a.astype(np.float64)
+    for r in prange(rows):
+        wr, hr = w[r], hi[r]
+        absw = np.empty(cols, dtype=np.float32)
+        hi_sq = np.empty(cols, dtype=np.float64)
+        hi_sq32 = np.empty(cols, dtype=np.float32)
+        salience = np.empty(cols, dtype=np.float32)
+        gain = np.empty(cols, dtype=np.float32)
+        seed_sq = np.empty(cols, dtype=np.float64)
+        rank = np.empty(cols, dtype=np.int64)  # ranks are only needed through their order
+        order_mag = np.empty(cols, dtype=np.int64)
+        order_sal = np.empty(cols, dtype=np.int64)
+        order_gain = np.empty(cols, dtype=np.int64)
+        for c in range(cols):
+            absw[c] = abs(wr[c])
+            d = np.float64(wr[c]) - np.float64(hr[c])
+            hi_sq[c] = d * d
+            d32 = wr[c] - hr[c]
+            hi_sq32[c] = d32 * d32
+            salience[c] = absw[c] * sqrt_a[c]
+        _group_ranks(absw, rank, order_mag)
+        _group_ranks(salience, rank, order_sal)
+        for i in range(n):
+            k, block, lo, selection = ks[i], blocks[i], los[i], selections[i]
+            limit = _LO_MAX[lo]
+            lut = luts[lo]
+            total = 0.0
+            if selection == 0 or k == 0 or k == 8:
+                for c0 in range(0, cols, block):
+                    s = _block_scale(absw, order_mag, k, c0, c0 + block, limit)
+                    total += _block_error(wr, hi_sq, seed_sq, a64, a64, order_mag, k, c0, c0 + block, s, lo,
+                                          limit, lut)[0]
+                out[r, i] = total
+                continue
+            seed = order_sal if selection == 2 else order_mag
+            sel_weights = a64 if selection == 2 else ones
+            # The gain of going hi under the seed's scales, in float32 as the reference.
+            for c0 in range(0, cols, block):
+                s = _block_scale(absw, seed, k, c0, c0 + block, limit)
+                s_safe = s if s != 0 else np.float32(1.0)
+                for c in range(c0, c0 + block):
+                    x = min(max(wr[c] / s_safe, -limit), limit)
+                    v = lut[_encode_lo(x, lo)] * s_safe
+                    e = wr[c] - v
+                    g = e * e - hi_sq32[c]
+                    gain[c] = g * a[c] if selection == 2 else g
+                    d = np.float64(wr[c]) - np.float64(v)
+                    seed_sq[c] = d * d
+            _group_ranks(gain, rank, order_gain)
+            reuse = np.float32(-1.0)  # the seed's lo errors are in seed_sq
+            for c0 in range(0, cols, block):
+                c1 = c0 + block
+                # the candidates in the reference's order; the first of equal errors wins
+                best_a, best_b = _block_error(wr, hi_sq, seed_sq, a64, sel_weights, seed, k, c0, c1, reuse, lo,
+                                              limit, lut)
+                if selection == 2:
+                    s = _block_scale(absw, order_mag, k, c0, c1, limit)
+                    err_a, err_b = _block_error(wr, hi_sq, seed_sq, a64, sel_weights, order_mag, k, c0, c1, s, lo,
+                                                limit, lut)
+                    if err_b <= best_b:  # magnitude comes before salience in the reference
+                        best_a, best_b = err_a, err_b
+                s = _block_scale(absw, order_gain, k, c0, c1, limit)
+                err_a, err_b = _block_error(wr, hi_sq, seed_sq, a64, sel_weights, order_gain, k, c0, c1, s, lo,
+                                            limit, lut)
+                if err_b < best_b:
+                    best_a, best_b = err_a, err_b
+                total += best_a
+            out[r, i] = total

@@ -34,7 +34,9 @@ from typing import Any, ClassVar
 import torch
 
 from ._optional import require
+from .codec import fake_quantize
 from .errors import UMQError
+from .format import GROUP, LoFormat, QuantParams
 from .stats import OUTLIER_THRESHOLD
 
 #: Input columns whose activation absmax exceeds this are kept in fp16 by LLM.int8()
@@ -119,6 +121,10 @@ def fake_quant_fp8_blocks(
     rows, cols = w32.shape
     block_cols = cols if block_cols is None else block_cols
     _check_divides(cols, block_cols, f"fp8_{fmt}")
+    if block_rows == 1 and block_cols % GROUP == 0:
+        # One scale per row segment: exactly UMQ with k = 0, so the codec's own round trip.
+        params = QuantParams(k=0, lo=LoFormat(f"fp8_{fmt}"), block=block_cols)
+        return fake_quantize(w32, params, dtype=torch.float32)
     if rows % block_rows:
         raise UMQError(
             f"fp8_{fmt}: blocks of {block_rows} rows do not divide the row count {rows}", rule="block"

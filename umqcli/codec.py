@@ -319,6 +319,25 @@ def resolve_hi(weight: torch.Tensor, mask: torch.Tensor | None, hi: HiFormat | N
     return HiFormat.FLOAT16
 
 
+def check_act_sq(act_sq: torch.Tensor | None, columns: int) -> None:
+    """What the ``activation`` selection needs: float ``[C]`` E[x_j^2], finite and >= 0."""
+    if act_sq is None:
+        raise UMQError(
+            "selection 'activation' needs activation statistics (umq calibrate)",
+            rule="activation-stats",
+        )
+    if act_sq.shape != (columns,):
+        raise UMQError(
+            f"activation statistics have shape {tuple(act_sq.shape)}, expected ({columns},)",
+            rule="activation-stats",
+        )
+    if not bool((torch.isfinite(act_sq) & (act_sq >= 0)).all()):
+        raise UMQError(
+            "activation statistics (E[x^2] per input channel) must be finite and >= 0",
+            rule="activation-stats",
+        )
+
+
 def select(
     weight: torch.Tensor,
     params: QuantParams,
@@ -333,21 +352,7 @@ def select(
         mask = select_magnitude(weight32, params.k)
         return mask, resolve_hi(weight, mask, params.hi)
     if params.selection is Selection.ACTIVATION:
-        if act_sq is None:
-            raise UMQError(
-                "selection 'activation' needs activation statistics (umq calibrate)",
-                rule="activation-stats",
-            )
-        if act_sq.shape != (weight.shape[1],):
-            raise UMQError(
-                f"activation statistics have shape {tuple(act_sq.shape)}, expected ({weight.shape[1]},)",
-                rule="activation-stats",
-            )
-        if not bool((torch.isfinite(act_sq) & (act_sq >= 0)).all()):
-            raise UMQError(
-                "activation statistics (E[x^2] per input channel) must be finite and >= 0",
-                rule="activation-stats",
-            )
+        check_act_sq(act_sq, weight.shape[1])
     # The gain uses the hi rounding error, so resolve hi from the magnitude mask first
     # (only a float32 source with hi auto needs the mask for that).
     needs_mask = params.hi is None and weight.dtype == torch.float32
@@ -380,17 +385,12 @@ def quantize(
     elements when numba is installed, else the torch reference; True/False force one or
     the other (False = always the reference). Both give identical bytes.
     """
-    if params.method is not Method.RTN or params.scale_rule is not ScaleRule.ABSMAX:
-        raise UMQError(
-            f"method {params.method.value!r} with scale rule {params.scale_rule.value!r} is "
-            f"umqcli.gptq.quantize_gptq's (this codec rounds to nearest under absmax scales)",
-            rule="method", tensor=name,
-        )
+    _check_rounding(params, name)
     # A Parameter is fine (packing is not differentiable); row-major makes every
     # [R, C/B, B] and [R, G, 8] view below valid (a no-op for the usual contiguous input).
     weight = weight.detach().contiguous()
     try:
-        if _use_fused(fused, weight.device, weight.numel()) and mask is None and params.selection is Selection.MAGNITUDE:
+        if use_fused(fused, weight.device, weight.numel()) and mask is None and params.selection is Selection.MAGNITUDE:
             packed = _quantize_fused(weight, params)
             if packed is not None:
                 return packed
@@ -398,6 +398,16 @@ def quantize(
             return _quantize(weight, params, act_sq, mask)
     except UMQError as exc:
         raise exc.located(tensor=name)
+
+
+def _check_rounding(params: QuantParams, name: str | None = None) -> None:
+    """This codec rounds to nearest under absmax scales; the rest is umqcli.gptq's."""
+    if params.method is not Method.RTN or params.scale_rule is not ScaleRule.ABSMAX:
+        raise UMQError(
+            f"method {params.method.value!r} with scale rule {params.scale_rule.value!r} is "
+            f"umqcli.gptq.quantize_gptq's (this codec rounds to nearest under absmax scales)",
+            rule="method", tensor=name,
+        )
 
 
 def _quantize(weight, params, act_sq, mask) -> PackedTensor:
@@ -408,16 +418,7 @@ def _quantize(weight, params, act_sq, mask) -> PackedTensor:
     if mask is None:
         mask, hi = select(weight, params, act_sq=act_sq)
     else:
-        if mask.shape != weight.shape or mask.dtype != torch.bool:
-            raise UMQError(
-                f"a given mask must be bool of the weight's shape {tuple(weight.shape)}, "
-                f"got {mask.dtype} {tuple(mask.shape)}",
-                rule="shape",
-            )
-        mask = mask.contiguous()
-        counts = mask.view(rows, cols // GROUP, GROUP).sum(-1)
-        if bool((counts != params.k).any()):
-            raise UMQError(f"a given mask must have exactly {params.k} hi per group", rule="popcount")
+        mask = _check_mask(weight, mask, params.k)
         hi = resolve_hi(weight, mask, params.hi)
     scale = block_scales(weight32, mask, block, params.lo)
     return assemble(weight, params, hi, mask, scale, quantize_lo(weight32, scale, block, params.lo))
@@ -438,16 +439,37 @@ def assemble(
     finite in ``hi`` (rule ``hi-overflow``)."""
     block = params.resolve_block(weight.shape[1])
     hi_bits = encode_hi(weight, hi)
-    hi_overflow = mask & ~torch.isfinite(hi_bits.view(hi.torch_dtype))
+    _check_hi_finite(weight, mask, hi_bits.view(hi.torch_dtype), hi)
+    data = interleave(lo_bytes, hi_bits, mask, params.k)
+    mask_bytes = mask_bits(mask)
+    return _packed_result(weight, params, hi, block, data, mask_bytes, scale)
+
+
+def _check_mask(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """A caller's hi mask: bool of the weight's shape with exactly k hi per group."""
+    rows, cols = weight.shape
+    if mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise UMQError(
+            f"a given mask must be bool of the weight's shape {tuple(weight.shape)}, "
+            f"got {mask.dtype} {tuple(mask.shape)}",
+            rule="shape",
+        )
+    mask = mask.contiguous()
+    counts = mask.view(rows, cols // GROUP, GROUP).sum(-1)
+    if bool((counts != k).any()):
+        raise UMQError(f"a given mask must have exactly {k} hi per group", rule="popcount")
+    return mask
+
+
+def _check_hi_finite(weight: torch.Tensor, mask: torch.Tensor, hi_values: torch.Tensor, hi: HiFormat) -> None:
+    """Every hi value (``hi_values`` in the hi dtype, where ``mask``) is finite."""
+    hi_overflow = mask & ~torch.isfinite(hi_values)
     if bool(hi_overflow.any()):
         r, c = hi_overflow.nonzero()[0].tolist()
         raise UMQError(
             f"hi value {weight[r, c].item()} at [{r}, {c}] is not finite in {hi.value}",
             rule="hi-overflow", hint="use hi bfloat16 or auto",
         )
-    data = interleave(lo_bytes, hi_bits, mask, params.k)
-    mask_bytes = mask_bits(mask)
-    return _packed_result(weight, params, hi, block, data, mask_bytes, scale)
 
 
 def _packed_result(
@@ -479,7 +501,7 @@ def _packed_result(
 FUSED_MIN_ELEMENTS = 1 << 16
 
 
-def _use_fused(fused: bool | None, device: torch.device, elements: int) -> bool:
+def use_fused(fused: bool | None, device: torch.device, elements: int) -> bool:
     """Whether to run the fused numba pass: ``fused`` True forces it (UMQError if numba
     is missing), False refuses it, None picks it for CPU tensors of at least
     :data:`FUSED_MIN_ELEMENTS` elements when numba is installed and UMQ_FUSED != 0."""
@@ -531,6 +553,114 @@ def _quantize_fused(weight: torch.Tensor, params: QuantParams) -> PackedTensor |
     else:
         return None  # hi overflow: the reference raises it (or picks bfloat16)
     return _packed_result(weight, params, hi, block, data, mask_bytes, scale)
+
+
+# --------------------------------------------------------------------------- fake quantize
+
+
+class FakeQuantizer:
+    """The values one weight decodes to under many parameter sets, without the bytes.
+
+    ``values(params, ...)`` equals ``dequantize(quantize(weight, params, act_sq=act_sq,
+    mask=mask), dtype)`` bit for bit (``tests/test_codec.py`` checks every lo format,
+    selection and source dtype) and raises the same errors; ``select(params)`` equals
+    :func:`select`. It uses the codec's own selection, scale and rounding functions and
+    skips only the byte interleave and the CRCs. Comparing or searching many
+    configurations of one weight (``umq compare``, ``umq calibrate``) shares what does
+    not depend on the lo format or the block: the float32 copy, the magnitude mask of
+    each k and the hi values of each hi format.
+    """
+
+    def __init__(self, weight: torch.Tensor, act_sq: torch.Tensor | None = None) -> None:
+        self.weight = weight.detach().contiguous()
+        _check_source(self.weight)
+        self.weight32 = self.weight.float()
+        self.act_sq = act_sq
+        self._magnitude: dict[tuple[int, HiFormat | None], tuple[torch.Tensor, HiFormat]] = {}
+        self._hi_values: dict[tuple[HiFormat, torch.dtype], torch.Tensor] = {}
+        self._hi_finite: dict[HiFormat, bool] = {}
+        self._all_fp16: bool | None = None
+
+    def uniform_hi(self) -> HiFormat | None:
+        """The hi format that ``hi = auto`` resolves to for every mask of this weight, or
+        None when it depends on the mask (a float32 weight with values beyond float16)."""
+        if self.weight.dtype != torch.float32:
+            return resolve_hi(self.weight, None, None)
+        if self._all_fp16 is None:
+            self._all_fp16 = bool(torch.isfinite(self.weight.to(torch.float16)).all())
+        return HiFormat.FLOAT16 if self._all_fp16 else None
+
+    def _auto_hi(self, mask: torch.Tensor) -> HiFormat:
+        """:func:`resolve_hi` with ``hi=None``, without looking at the mask when possible."""
+        return self.uniform_hi() or resolve_hi(self.weight, mask, None)
+
+    def magnitude(self, k: int, hi: HiFormat | None = None) -> tuple[torch.Tensor, HiFormat]:
+        """The magnitude selection's mask for ``k`` and the resolved hi format (cached)."""
+        key = (k, hi)
+        if key not in self._magnitude:
+            mask = select_magnitude(self.weight32, k)
+            self._magnitude[key] = mask, hi or self._auto_hi(mask)
+        return self._magnitude[key]
+
+    def select(self, params: QuantParams) -> tuple[torch.Tensor, HiFormat]:
+        """What :func:`select` returns for ``params`` (and this weight's ``act_sq``)."""
+        magnitude, hi = self.magnitude(params.k, params.hi)
+        if params.selection is Selection.MAGNITUDE or params.k in (0, GROUP):
+            if params.selection is Selection.ACTIVATION:
+                check_act_sq(self.act_sq, self.weight.shape[1])
+            return magnitude, hi
+        channel = None
+        if params.selection is Selection.ACTIVATION:
+            check_act_sq(self.act_sq, self.weight.shape[1])
+            channel = self.act_sq
+        block = params.resolve_block(self.weight.shape[1])
+        mask = select_error(self.weight32, params.k, block, params.lo, hi, channel)
+        return mask, (params.hi or self._auto_hi(mask))
+
+    def hi_values(self, hi: HiFormat, dtype: torch.dtype) -> torch.Tensor:
+        """Every element rounded to ``hi`` then converted to ``dtype`` (cached)."""
+        key = (hi, dtype)
+        if key not in self._hi_values:
+            rounded = self.weight.to(hi.torch_dtype)
+            if hi not in self._hi_finite:
+                self._hi_finite[hi] = bool(torch.isfinite(rounded).all())
+            self._hi_values[key] = rounded.to(dtype)
+        return self._hi_values[key]
+
+    def values(self, params: QuantParams, *, mask: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[R, C]`` in ``dtype`` (default: the weight's, as :func:`dequantize`)."""
+        _check_rounding(params)
+        if mask is None:
+            mask, hi = self.select(params)
+        else:
+            mask = _check_mask(self.weight, mask, params.k)
+            hi = resolve_hi(self.weight, mask, params.hi)
+        target = dtype or self.weight.dtype
+        hi_values = self.hi_values(hi, target)
+        if not self._hi_finite[hi]:
+            _check_hi_finite(self.weight, mask, self.weight.to(hi.torch_dtype), hi)
+        rows, cols = self.weight.shape
+        block = params.resolve_block(cols)
+        scale = block_scales(self.weight32, mask, block, params.lo)
+        lo_values = decode_lo(quantize_lo(self.weight32, scale, block, params.lo), params.lo)
+        lo_values = lo_values.view(rows, cols // block, block).mul_(_per_block(scale, block)).view(rows, cols)
+        return torch.where(mask, hi_values, lo_values.to(target))
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    params: QuantParams = QuantParams(),
+    *,
+    mask: torch.Tensor | None = None,
+    act_sq: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(weight, params, act_sq=act_sq, mask=mask), dtype)``, bit for
+    bit, without building the bytes (see :class:`FakeQuantizer`, which also shares work
+    across many ``params`` of one weight)."""
+    with torch.no_grad():
+        return FakeQuantizer(weight, act_sq).values(params, mask=mask, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- byte layout
@@ -736,7 +866,7 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype | None = None, *, fused:
     """
     spec = packed.spec
     target = dtype or spec.torch_dtype
-    if _use_fused(fused, packed.data.device, spec.rows * spec.columns) and target in _fused.OUT_CODES:
+    if use_fused(fused, packed.data.device, spec.rows * spec.columns) and target in _fused.OUT_CODES:
         from . import runtime  # the C++ decode (SIMD) when it builds; numba's otherwise
 
         if fused is None and runtime.available():

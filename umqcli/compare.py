@@ -15,10 +15,9 @@ Aggregates over tensors weight each tensor by its element count: bits are
 ``sum(n_t bits_t) / sum(n_t)``, errors are ``sqrt(sum(n_t e_t^2) / sum(n_t))``.
 
 Cost control (the reason this is not a loop over ``codec.quantize``): UMQ values come
-from the codec's own selection, scale and lo/hi rounding functions without byte
-interleaving or CRCs (``tests/test_compare.py`` checks them equal to
-``dequantize(quantize(...))``); a per-weight cache shares what does not depend on the lo
-format or block (float32 weight, magnitude masks, decoded hi values); ``X W^T`` is
+from :class:`codec.FakeQuantizer`, equal to ``dequantize(quantize(...), float32)`` without
+byte interleaving or CRCs, one per weight so that what does not depend on the lo format
+or block is shared (float32 weight, magnitude masks, hi values); ``X W^T`` is
 computed once per weight; and ``workers`` weights are measured at once with one torch
 thread each (the ops are small, and OpenMP barriers stall badly on a shared machine).
 For very large checkpoints ``weight_rows`` measures a seeded sample of output rows per
@@ -34,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -42,7 +41,8 @@ from . import codec
 from .baselines import BASELINES, Baseline
 from ._optional import require
 from .errors import UMQError
-from .format import GROUP, HiFormat, LoFormat, Method, QuantParams, Selection
+from .format import LoFormat, Method, QuantParams, Selection
+from .pareto import pareto_front
 from .progress import ProgressFn, no_progress
 from .stats import OUTLIER_THRESHOLD
 
@@ -119,88 +119,13 @@ def default_formats(with_activations: bool, with_hessians: bool = False) -> list
     return formats
 
 
-# --------------------------------------------------------------------------- UMQ values
-
-
-def umq_values(
-    weight: torch.Tensor,
-    params: QuantParams,
-    mask: torch.Tensor,
-    hi: HiFormat,
-    cache: dict | None = None,
-) -> torch.Tensor:
-    """float32 ``[R, C]``: what ``dequantize(quantize(weight, params, mask=mask))`` decodes,
-    from the codec's scale and rounding functions (no byte interleaving, no CRC).
-
-    ``cache`` (one dict per weight, shared with :func:`umq_select`) keeps the float32
-    weight and the decoded hi values of each hi format, which every config reuses.
-    """
-    cache = {} if cache is None else cache
-    weight32 = _cached(cache, "weight32", weight.float)
-    block = params.resolve_block(weight.shape[1])
-    scale = codec.block_scales(weight32, mask, block, params.lo)
-    lo_values = codec.decode_lo(codec.quantize_lo(weight32, scale, block, params.lo), params.lo)
-    lo_values = (lo_values * scale.repeat_interleave(block, dim=1)).to(weight.dtype)
-    hi_values = _cached(
-        cache, ("hi", hi), lambda: codec.decode_hi(codec.encode_hi(weight, hi), hi).to(weight.dtype)
-    )
-    return torch.where(mask, hi_values, lo_values).float()
-
-
-def _cached(cache: dict, key: Any, make: Callable[[], Any]) -> Any:
-    if key not in cache:
-        cache[key] = make()
-    return cache[key]
-
-
-def umq_select(
-    weight: torch.Tensor,
-    params: QuantParams,
-    act_sq: torch.Tensor | None,
-    cache: dict,
-) -> tuple[torch.Tensor, HiFormat]:
-    """The hi mask and hi format that ``codec.select(weight, params, act_sq=act_sq)``
-    returns (``tests/test_compare.py`` checks it), computed from the codec's own
-    ``select_magnitude`` / ``resolve_hi`` / ``select_error``.
-
-    ``cache`` (one dict per weight) keeps what does not depend on the lo format or the
-    block: the magnitude mask of each ``k`` and the hi format resolved from it, and
-    whether the whole weight is finite in float16 (then auto-hi is float16 for any mask
-    of a float32 weight, and ``resolve_hi`` need not look at each new mask).
-    """
-    weight32 = _cached(cache, "weight32", weight.float)
-    magnitude, hi = _cached(cache, ("magnitude", params.k, params.hi), lambda: _magnitude(weight, weight32, params))
-    if params.selection is Selection.MAGNITUDE or params.k in (0, GROUP):
-        return magnitude, hi
-    channel = None
-    if params.selection is Selection.ACTIVATION:
-        usable = (
-            act_sq is not None
-            and tuple(act_sq.shape) == (weight.shape[1],)
-            and bool((torch.isfinite(act_sq) & (act_sq >= 0)).all())
-        )
-        if not usable:
-            return codec.select(weight, params, act_sq=act_sq)  # raises the codec's error
-        channel = act_sq
-    block = params.resolve_block(weight.shape[1])
-    mask = codec.select_error(weight32, params.k, block, params.lo, hi, channel)
-    if params.hi is None and weight.dtype == torch.float32:
-        all_fp16 = _cached(cache, "all_fp16", lambda: bool(torch.isfinite(weight.to(torch.float16)).all()))
-        hi = HiFormat.FLOAT16 if all_fp16 else codec.resolve_hi(weight, mask, None)
-    return mask, hi
-
-
-def _magnitude(weight: torch.Tensor, weight32: torch.Tensor, params: QuantParams) -> tuple[torch.Tensor, HiFormat]:
-    mask = codec.select_magnitude(weight32, params.k)
-    return mask, codec.resolve_hi(weight, mask, params.hi)
-
-
 # --------------------------------------------------------------------------- results
 
 
 @dataclass
-class TensorResult:
-    """One (tensor, format) measurement."""
+class TensorMeasurement:
+    """What one format does to one tensor: stored bits per element, relative output
+    error and relative weight error."""
 
     bits: float
     rel_error: float
@@ -217,7 +142,7 @@ class FormatResult:
     (``None`` when the format does not apply to every tensor: see ``note``)."""
 
     format: Format
-    per_tensor: dict[str, TensorResult] = field(default_factory=dict)
+    per_tensor: dict[str, TensorMeasurement] = field(default_factory=dict)
     bits: float | None = None
     rel_error: float | None = None
     weight_error: float | None = None
@@ -398,7 +323,7 @@ def measure_tensor(
     hessian: torch.Tensor | None = None,
     weight_rows: int = 0,
     seed: int = 0,
-) -> tuple[dict[str, TensorResult], dict[str, str], int]:
+) -> tuple[dict[str, TensorMeasurement], dict[str, str], int]:
     """Measure every format on one weight.
 
     ``weight``: float ``[R, C]``; ``x``: float32 ``[N, C]`` input rows; ``act_sq`` /
@@ -413,8 +338,9 @@ def measure_tensor(
     sampled = weight.index_select(0, index) if index.numel() < rows else weight
     reference = sampled.float()
     y = x @ reference.T
-    cache: dict = {}  # per-weight work shared by the UMQ configs
-    results: dict[str, TensorResult] = {}
+    umq = codec.FakeQuantizer(sampled, act_sq)  # shares per-weight work across the UMQ configs
+    prepared = None  # the factored Hessian, made for the first gptq configuration
+    results: dict[str, TensorMeasurement] = {}
     skipped: dict[str, str] = {}
     for fmt in formats:
         if fmt.params is not None:
@@ -428,11 +354,11 @@ def measure_tensor(
                     continue
                 from .gptq import prepare_hessian, quantize_gptq
 
-                prepared = _cached(cache, "hessian", lambda: prepare_hessian(hessian))
+                if prepared is None:
+                    prepared = prepare_hessian(hessian)
                 approx = codec.dequantize(quantize_gptq(sampled, params, prepared, act_sq=act_sq), torch.float32)
             else:
-                mask, hi = umq_select(sampled, params, act_sq, cache)
-                approx = umq_values(sampled, params, mask, hi, cache)
+                approx = umq.values(params, dtype=torch.float32)
             bits = params.bits_per_element(cols)
         else:
             baseline = fmt.baseline
@@ -449,7 +375,7 @@ def measure_tensor(
             else:
                 approx = baseline.quantize_dequantize(weight, act_absmax).index_select(0, index)
             bits = baseline.bits_per_element((rows, cols), act_absmax)
-        results[fmt.name] = TensorResult(
+        results[fmt.name] = TensorMeasurement(
             bits=bits,
             rel_error=relative_output_error(x, y, reference, approx),
             weight_error=_relative(approx, reference),
@@ -466,24 +392,12 @@ def measure_tensor(
 PARETO_RTOL = 1e-3
 
 
-def pareto_front(points: Iterable[tuple[str, float, float]], rtol: float = PARETO_RTOL) -> set[str]:
-    """Names of the (name, bits, error) points that no other point dominates. ``q``
-    dominates ``p`` when ``q.bits <= p.bits`` and ``q.error <= p.error * (1 + rtol)``, and
-    ``q`` is strictly cheaper or strictly (beyond ``rtol``) more accurate; identical
-    points do not dominate each other."""
-    pts = list(points)
-    front = set()
-    for name, bits, error in pts:
-        dominated = False
-        for other, b, e in pts:
-            if other == name or b > bits or e > error * (1 + rtol):
-                continue
-            if b < bits or e * (1 + rtol) < error:
-                dominated = True
-                break
-        if not dominated:
-            front.add(name)
-    return front
+def _bits(result: FormatResult) -> float:
+    return result.bits
+
+
+def _rel_error(result: FormatResult) -> float:
+    return result.rel_error
 
 
 def budgets(results: Sequence[FormatResult]) -> list[Budget]:
@@ -528,9 +442,9 @@ def aggregate(results: Sequence[FormatResult], tensors: Sequence[TensorInfo]) ->
         r.bits = sum(numel[n] * t.bits for n, t in r.per_tensor.items()) / total
         r.rel_error = math.sqrt(sum(numel[n] * t.rel_error**2 for n, t in r.per_tensor.items()) / total)
         r.weight_error = math.sqrt(sum(numel[n] * t.weight_error**2 for n, t in r.per_tensor.items()) / total)
-    front = pareto_front((r.name, r.bits, r.rel_error) for r in results if r.bits is not None)
+    front = pareto_front((r for r in results if r.bits is not None), bits=_bits, error=_rel_error, rtol=PARETO_RTOL)
     for r in results:
-        r.pareto = r.name in front
+        r.pareto = any(r is f for f in front)
 
 
 # --------------------------------------------------------------------------- the command body
@@ -633,7 +547,6 @@ def compare_checkpoint(
     an empty selection.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from .io import open_checkpoint
 
@@ -654,69 +567,17 @@ def compare_checkpoint(
     with open_checkpoint(src) as checkpoint:
         names, skipped_tensors = select_tensors(checkpoint, patterns, stats)
 
-        def measure(name: str):
-            weight = checkpoint.get(name)
-            x, act_sq, act_absmax = _tensor_inputs(name, weight.shape[1], stats, activations, x_rows, seed)
-            try:
-                measured, skipped, used_rows = measure_tensor(
-                    name, weight, formats, x, act_sq=act_sq, act_absmax=act_absmax,
-                    hessian=None if stats is None else stats[name].hessian, weight_rows=weight_rows, seed=seed,
-                )
-            except UMQError as exc:
-                raise exc.located(file=src, tensor=name)
-            info = TensorInfo(
-                name=name,
-                shape=tuple(weight.shape),
-                dtype=str(weight.dtype).replace("torch.", ""),
-                weight_rows=used_rows,
-                x_rows=int(x.shape[0]),
-                outlier_columns=None if act_absmax is None else int((act_absmax > OUTLIER_THRESHOLD).sum()),
-            )
-            return info, measured, skipped
+        def measure(name: str) -> TensorOutcome:
+            return _measure_named(checkpoint, name, formats, stats, activations, src=src, x_rows=x_rows,
+                                  weight_rows=weight_rows, seed=seed)
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            progress("compare", 0, len(names))
-            # Largest weights first, so that no big one is left running alone at the end;
-            # the report keeps the checkpoint's order.
-            numel = {n: math.prod(checkpoint.info(n)[1]) for n in names}
-            by_name = {}
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                futures = {pool.submit(measure, n): n for n in sorted(names, key=lambda n: -numel[n])}
-                try:
-                    for done, future in enumerate(as_completed(futures), start=1):
-                        by_name[futures[future]] = future.result()
-                        progress("compare", done, len(names))
-                except BaseException:
-                    # A bad tensor or Ctrl-C: do not start the queued ones.
-                    for future in futures:
-                        future.cancel()
-                    raise
-            outcomes = [by_name[n] for n in names]
-        finally:
-            torch.set_num_threads(threads)
-
-    results = {f.name: FormatResult(f) for f in formats}
-    skipped_formats: dict[str, str] = {}
-    skip_counts: dict[str, int] = {}
-    tensors: list[TensorInfo] = []
-    for info, measured, skipped in outcomes:
-        tensors.append(info)
-        for fmt_name, result in measured.items():
-            results[fmt_name].per_tensor[info.name] = result
-        for fmt_name, reason in skipped.items():
-            skipped_formats.setdefault(fmt_name, f"{info.name}: {reason}")
-            skip_counts[fmt_name] = skip_counts.get(fmt_name, 0) + 1
-    ordered = list(results.values())
-    for r in ordered:
-        if r.name in skipped_formats:
-            r.note = (
-                f"not applicable to {skip_counts[r.name]} of {len(tensors)} tensors "
-                f"({skipped_formats[r.name]}); no aggregate"
-            )
-    aggregate(ordered, tensors)
-    present = [r for r in ordered if r.per_tensor]
+        # Largest weights first, so that no big one is left running alone at the end.
+        numel = {n: math.prod(checkpoint.info(n)[1]) for n in names}
+        outcomes = _run_in_threads(measure, sorted(names, key=lambda n: -numel[n]), workers, progress)
+    tensors = [outcomes[n][0] for n in names]  # the report keeps the checkpoint's order
+    results, skipped_formats = _format_results(formats, [outcomes[n] for n in names])
+    aggregate(results, tensors)
+    present = [r for r in results if r.per_tensor]
     present.sort(key=lambda r: (r.bits if r.bits is not None else math.inf, r.rel_error or 0.0))
     return CompareReport(
         source=str(src),
@@ -727,9 +588,88 @@ def compare_checkpoint(
         formats=present,
         budgets=budgets(present),
         skipped_tensors=skipped_tensors,
-        skipped_formats={k: v for k, v in skipped_formats.items() if not results[k].per_tensor},
+        skipped_formats=skipped_formats,
         seconds=time.perf_counter() - started,
     )
+
+
+#: One tensor's outcome: its description, a measurement per format, and the formats that
+#: do not apply to it (name -> reason).
+TensorOutcome = tuple[TensorInfo, dict[str, TensorMeasurement], dict[str, str]]
+
+
+def _measure_named(checkpoint, name: str, formats: Sequence[Format], stats: Mapping[str, Any] | None,
+                   activations: str | Path | None, *, src: str | Path, x_rows: int, weight_rows: int,
+                   seed: int) -> TensorOutcome:
+    """Read one tensor, build its inputs and measure every format on it."""
+    weight = checkpoint.get(name)
+    x, act_sq, act_absmax = _tensor_inputs(name, weight.shape[1], stats, activations, x_rows, seed)
+    try:
+        measured, skipped, used_rows = measure_tensor(
+            name, weight, formats, x, act_sq=act_sq, act_absmax=act_absmax,
+            hessian=None if stats is None else stats[name].hessian, weight_rows=weight_rows, seed=seed,
+        )
+    except UMQError as exc:
+        raise exc.located(file=src, tensor=name)
+    info = TensorInfo(
+        name=name,
+        shape=tuple(weight.shape),
+        dtype=str(weight.dtype).replace("torch.", ""),
+        weight_rows=used_rows,
+        x_rows=int(x.shape[0]),
+        outlier_columns=None if act_absmax is None else int((act_absmax > OUTLIER_THRESHOLD).sum()),
+    )
+    return info, measured, skipped
+
+
+def _run_in_threads(measure: Callable[[str], TensorOutcome], names: Sequence[str], workers: int,
+                    progress: ProgressFn) -> dict[str, TensorOutcome]:
+    """``measure`` each name on ``workers`` threads, one torch thread each (restored
+    afterwards), reporting progress as tensors finish; the first error cancels the rest."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        progress("compare", 0, len(names))
+        done: dict[str, TensorOutcome] = {}
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {pool.submit(measure, n): n for n in names}
+            try:
+                for count, future in enumerate(as_completed(futures), start=1):
+                    done[futures[future]] = future.result()
+                    progress("compare", count, len(names))
+            except BaseException:
+                # A bad tensor or Ctrl-C: do not start the queued ones.
+                for future in futures:
+                    future.cancel()
+                raise
+        return done
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _format_results(formats: Sequence[Format], outcomes: Sequence[TensorOutcome]
+                    ) -> tuple[list[FormatResult], dict[str, str]]:
+    """Per format, its measurements on every tensor and a note where it did not apply;
+    also the formats that applied to no tensor at all, with the first reason."""
+    results = {f.name: FormatResult(f) for f in formats}
+    first_reason: dict[str, str] = {}
+    skip_counts: dict[str, int] = {}
+    for info, measured, skipped in outcomes:
+        for fmt_name, result in measured.items():
+            results[fmt_name].per_tensor[info.name] = result
+        for fmt_name, reason in skipped.items():
+            first_reason.setdefault(fmt_name, f"{info.name}: {reason}")
+            skip_counts[fmt_name] = skip_counts.get(fmt_name, 0) + 1
+    for r in results.values():
+        if r.name in first_reason:
+            r.note = (
+                f"not applicable to {skip_counts[r.name]} of {len(outcomes)} tensors "
+                f"({first_reason[r.name]}); no aggregate"
+            )
+    never = {k: v for k, v in first_reason.items() if not results[k].per_tensor}
+    return list(results.values()), never
 
 
 # --------------------------------------------------------------------------- plot
@@ -755,10 +695,7 @@ def plot_report(report: CompareReport, path: str | Path) -> None:
             marker=markers[_SEL_SHORT[p.selection]], color=colors[p.lo.value],
             facecolors="none" if p.block == 0 else colors[p.lo.value],
         )
-    umq_front = sorted(
-        (r for r in umq if r.name in pareto_front((u.name, u.bits, u.rel_error) for u in umq)),
-        key=lambda r: r.bits,
-    )
+    umq_front = pareto_front(umq, bits=_bits, error=_rel_error, rtol=PARETO_RTOL)
     ax.plot([r.bits for r in umq_front], [r.rel_error for r in umq_front], "-", color="black", lw=1.4,
             label="UMQ Pareto front", zorder=3)
     for r in umq_front:

@@ -64,7 +64,7 @@ from .corpus import TEXT_SUFFIXES, package_readme, read_documents
 from .explain import explain, to_recipe
 from .hooks import StatsRun, collect_stats, match_weight_names
 from .model import is_hf_model_dir, load_hf_model
-from .search import SearchResult, allocate_budget, allocate_max_error, check_budget_fits, pareto_front, search_recipe
+from .search import SearchResult, allocate_budget, allocate_max_error, candidate_front, check_budget_fits, search_recipe
 from .tokens import make_sequences
 
 if TYPE_CHECKING:
@@ -73,9 +73,9 @@ if TYPE_CHECKING:
 __all__ = [
     "MIN_SAMPLE_ROWS", "TEXT_SUFFIXES", "Candidate", "CandidateSpace", "CalibrationResult",
     "CheckpointWeights", "ProgressFn", "SearchResult", "StatsRun", "TensorChoice", "allocate_budget",
-    "allocate_max_error", "calibrate", "collect_stats", "evaluate_tensor", "explain",
+    "allocate_max_error", "calibrate", "check_budget_fits", "collect_stats", "evaluate_tensor", "explain",
     "is_hf_model_dir", "load_hf_model", "lower_hull", "make_sequences", "match_weight_names",
-    "output_energy_correction", "output_error", "package_readme", "pareto_front", "read_documents",
+    "output_energy_correction", "output_error", "package_readme", "candidate_front", "read_documents",
     "reconstruct", "search_recipe", "to_recipe", "weighted_error",
 ]
 

@@ -11,9 +11,11 @@ from typing import Sequence
 
 import torch
 
-from ..codec import block_scales, decode_lo, dequantize, quantize_lo, resolve_hi, select, select_magnitude
+from .._fused import candidate_errors
+from ..codec import FakeQuantizer, check_act_sq, dequantize, fake_quantize, use_fused
 from ..errors import UMQError
-from ..format import GROUP, HiFormat, LoFormat, Method, QuantParams, Selection
+from ..format import GROUP, LoFormat, Method, QuantParams, Selection
+from ..pareto import pareto_front
 from ..stats import ChannelStats
 
 
@@ -111,10 +113,9 @@ class CandidateSpace:
 
 
 def reconstruct(weight: torch.Tensor, params: QuantParams, act_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 ``[R, C]``: what ``dequantize(quantize(weight, params), float32)`` returns,
-    computed with the codec's own selection, scale and lo/hi rounding functions but
-    without interleaving bytes (the search only needs the values)."""
-    return _TensorEvaluator(weight, act_sq).reconstruct(params)
+    """float32 ``[R, C]``: ``dequantize(quantize(weight, params), float32)``, the values the
+    runtime multiplies with and ``umq verify`` measures (:func:`umqcli.codec.fake_quantize`)."""
+    return fake_quantize(weight, params, act_sq=act_sq, dtype=torch.float32)
 
 
 def weighted_error(weight: torch.Tensor, approx: torch.Tensor, act_sq: torch.Tensor) -> float:
@@ -208,15 +209,18 @@ def _row_subset(rows: int, max_rows: int) -> torch.Tensor:
     return torch.linspace(0, rows - 1, max_rows).round().long().unique()
 
 
+def candidate_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other one beats on both bits and error, cheapest first."""
+    return pareto_front(candidates, bits=lambda c: c.bits, error=lambda c: c.error)
+
+
 def lower_hull(candidates: Sequence[Candidate]) -> list[Candidate]:
     """The lower-left convex hull of (bits, error): the candidates a Lagrangian allocation
     can pick, cheapest first, each strictly more accurate than the one before."""
-    pareto: list[Candidate] = []
-    for c in sorted(candidates, key=lambda c: (c.bits, c.error)):
-        if not pareto or c.error < pareto[-1].error:
-            pareto.append(c)
     hull: list[Candidate] = []
-    for c in pareto:
+    for c in candidate_front(candidates):
+        if hull and (c.bits, c.error) == (hull[-1].bits, hull[-1].error):
+            continue  # an identical point adds nothing to the hull
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # b is above the segment a-c: drop it (slopes must increase along the hull).
@@ -228,44 +232,30 @@ def lower_hull(candidates: Sequence[Candidate]) -> list[Candidate]:
     return hull
 
 
-class _TensorEvaluator:
-    """Reconstructions of one weight under many candidates, sharing what they share:
-    the float32 copy, the hi rounding, and the magnitude masks (one per k)."""
+def _reference_numerator(evaluator: FakeQuantizer, act_sq: torch.Tensor, params: QuantParams) -> float:
+    """``sum_j a_j ||W[:, j] - Ŵ[:, j]||^2`` from the codec's values (float64)."""
+    approx = evaluator.values(params, dtype=torch.float32)
+    return float(((evaluator.weight32.double() - approx.double()).square().sum(0) * act_sq.double()).sum())
 
-    def __init__(self, weight: torch.Tensor, act_sq: torch.Tensor | None) -> None:
-        self.weight = weight
-        self.weight32 = weight.float()
-        self.act_sq = act_sq
-        self._masks: dict[int, torch.Tensor] = {}
-        # hi = auto resolves per mask, but for the common case (every value finite in the
-        # auto hi dtype) it is the same for all masks: decide once.
-        self._fixed_hi = None
-        if weight.dtype != torch.float32 or bool(torch.isfinite(weight.to(torch.float16)).all()):
-            self._fixed_hi = resolve_hi(weight, torch.ones_like(weight, dtype=torch.bool), None)
-        self._hi_values: dict[HiFormat, torch.Tensor] = {}
 
-    def magnitude_mask(self, k: int) -> torch.Tensor:
-        if k not in self._masks:
-            self._masks[k] = select_magnitude(self.weight32, k)
-        return self._masks[k]
+def _fused_errors_possible(evaluator: FakeQuantizer, fused: bool | None) -> bool:
+    """The fused pass needs one hi format for every mask (else: the reference) and,
+    unless forced, a weight large enough to be worth it (the codec's own rule)."""
+    if evaluator.uniform_hi() is None:
+        return False
+    return use_fused(fused, evaluator.weight.device, evaluator.weight.numel())
 
-    def hi_values(self, hi: HiFormat) -> torch.Tensor:
-        if hi not in self._hi_values:
-            self._hi_values[hi] = self.weight.to(hi.torch_dtype).float()
-        return self._hi_values[hi]
 
-    def reconstruct(self, params: QuantParams) -> torch.Tensor:
-        """float32 ``[R, C]``, equal to ``dequantize(quantize(weight, params), float32)``."""
-        if params.selection is Selection.MAGNITUDE and params.hi is None:
-            mask = self.magnitude_mask(params.k)
-            hi = self._fixed_hi or resolve_hi(self.weight, mask, None)
-        else:
-            mask, hi = select(self.weight, params, act_sq=self.act_sq)
-        block = params.resolve_block(self.weight.shape[1])
-        scale = block_scales(self.weight32, mask, block, params.lo)
-        lo_values = decode_lo(quantize_lo(self.weight32, scale, block, params.lo), params.lo)
-        lo_values = lo_values * scale.repeat_interleave(block, dim=1)
-        return torch.where(mask, self.hi_values(hi), lo_values)
+def _fused_numerators(evaluator: FakeQuantizer, act_sq: torch.Tensor, batch: Sequence[QuantParams],
+                      threads: int | None) -> list[float]:
+    hi = evaluator.uniform_hi()
+    hi32 = evaluator.hi_values(hi, torch.float32)
+    cols = evaluator.weight.shape[1]
+    for params in batch:
+        if params.selection is Selection.ACTIVATION:
+            check_act_sq(act_sq, cols)
+    keys = [(p.k, p.resolve_block(cols), p.lo, p.selection.value) for p in batch]
+    return candidate_errors(evaluator.weight32, hi32, act_sq, keys, threads=threads).tolist()
 
 
 def evaluate_tensor(
@@ -276,6 +266,8 @@ def evaluate_tensor(
     *,
     max_rows: int = 0,
     refine: int = 2,
+    fused: bool | None = None,
+    fused_threads: int | None = None,
 ) -> TensorChoice:
     """Predict error and bits of the candidates for one ``[R, C]`` weight.
 
@@ -290,15 +282,25 @@ def evaluate_tensor(
     (lo, block) pairs with the lowest magnitude error are re-evaluated with the other
     selections (``refine <= 0``: all of them). At equal bits those selections are never
     worse than magnitude (``codec.select_error``), so this only decides how far to look.
+
+    ``fused``: None (default) computes the errors in the fused numba pass
+    (:func:`umqcli._fused.candidate_errors`) for CPU weights of at least
+    ``codec.FUSED_MIN_ELEMENTS`` elements when numba is installed; False always with the
+    reference (:class:`~umqcli.codec.FakeQuantizer` values and a float64 sum); True
+    forces the fused pass (on ``fused_threads`` threads; default: torch's count). Both predict the same errors: to ~1e-15 for magnitude, and
+    for error/activation up to a tie in float32 between two masks of one block (tested).
     """
     rows, cols = weight.shape
     act_sq = stats.act_sq.float() if stats is not None else torch.ones(cols)
     subset = weight[_row_subset(rows, max_rows)]
-    evaluator = _TensorEvaluator(subset, act_sq)
+    evaluator = FakeQuantizer(subset, act_sq)
     hessian = None if stats is None else stats.hessian
     all_params = space.params_for(cols, have_stats=stats is not None, have_hessian=hessian is not None)
     candidates: list[Candidate] = []
     energy_fix = output_energy_correction(subset, act_sq, None if stats is None else stats.sample)
+    w = subset.double()
+    denominator = float((w.square().sum(0) * act_sq.double()).sum())
+    use_fused_pass = _fused_errors_possible(evaluator, fused)
     prepared: list = []  # the factored Hessian, made on the first gptq candidate
 
     def gptq_error(params: QuantParams) -> float:
@@ -316,29 +318,36 @@ def evaluate_tensor(
         den = float(((w @ h) * w).double().sum())
         return 0.0 if den <= 0.0 else max(float(((e @ h) * e).double().sum()), 0.0) / den
 
-    def run(params: QuantParams) -> Candidate:
-        if params.method is Method.GPTQ:
-            error = gptq_error(params)
+    def run(batch: Sequence[QuantParams]) -> list[Candidate]:
+        rounded = [p for p in batch if p.method is Method.RTN]
+        if use_fused_pass and all(p.hi is None for p in rounded):
+            numerators = _fused_numerators(evaluator, act_sq, rounded, fused_threads)
         else:
-            error = weighted_error(subset, evaluator.reconstruct(params), act_sq) * energy_fix
-        cand = Candidate(params, params.bits_per_element(cols), error)
-        candidates.append(cand)
-        return cand
+            numerators = [_reference_numerator(evaluator, act_sq, params) for params in rounded]
+        errors = {id(p): 0.0 if denominator == 0.0 else n / denominator * energy_fix
+                  for p, n in zip(rounded, numerators)}
+        out = [Candidate(p, p.bits_per_element(cols), errors[id(p)] if p.method is Method.RTN else gptq_error(p))
+               for p in batch]
+        candidates.extend(out)
+        return out
 
     # gptq candidates are pruned like the non-magnitude selections (each costs a sweep).
     magnitude = [p for p in all_params if p.selection is Selection.MAGNITUDE and p.method is Method.RTN]
-    others = [p for p in all_params if p.selection is not Selection.MAGNITUDE or p.method is not Method.RTN]
     by_k: dict[int, list[Candidate]] = {}
-    for params in magnitude:
-        by_k.setdefault(params.k, []).append(run(params))
+    for cand in run(magnitude):
+        by_k.setdefault(cand.params.k, []).append(cand)
     magnitude_keys = {(p.k, p.lo, p.block) for p in magnitude}
-    for params in others:
+    others = []
+    for params in all_params:
+        if params.selection is Selection.MAGNITUDE and params.method is Method.RTN:
+            continue
         key = (params.k, params.lo, params.block)
         if refine > 0 and key in magnitude_keys:
             best = sorted(by_k[params.k], key=lambda c: c.error)[:refine]
             if key not in {(c.params.k, c.params.lo, c.params.block) for c in best}:
                 continue
-        run(params)
+        others.append(params)
+    run(others)
     mean = float(act_sq.mean())
     return TensorChoice(
         name=name,

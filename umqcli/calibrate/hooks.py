@@ -111,6 +111,7 @@ def collect_stats(
 
     modules = dict(model.named_modules())
     handles = [modules[m].register_forward_pre_hook(make_hook(k)) for m, k in mapping.items()]
+    head_kwargs = _skip_unused_head(model, set(mapping))
     total = input_ids.shape[0]
     peak = 0
     try:
@@ -120,7 +121,7 @@ def collect_stats(
                 mask = attention[start:start + batch_size]
                 current_mask[0] = mask.bool()
                 batch_inputs.clear()
-                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids, attention_mask=mask, **head_kwargs)
                 peak = max(peak, accumulator.nbytes)
                 progress("calibrate", min(start + batch_size, total), total)
     finally:
@@ -139,3 +140,16 @@ def collect_stats(
     }
     unmatched = sorted(set(linear_names) - set(mapping))
     return StatsRun(stats=stats, metadata=metadata, unmatched_modules=unmatched, peak_state_bytes=peak)
+
+
+def _skip_unused_head(model, hooked: set[str]) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` for a causal LM whose output head is not hooked (tied to
+    the embeddings, or not in the checkpoint): its vocabulary-wide matmul for every token
+    (a fifth of SmolLM2's forward) then runs for one position only. ``{}`` otherwise."""
+    import inspect
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    names = {id(module): name for name, module in model.named_modules()}
+    return {} if names.get(id(head)) in hooked else {"logits_to_keep": 1}

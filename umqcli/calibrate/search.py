@@ -15,17 +15,8 @@ from .._fused import torch_threads
 from ..errors import UMQError
 from ..progress import ProgressFn, no_progress
 from ..stats import ChannelStats
-from .candidates import Candidate, CandidateSpace, TensorChoice, evaluate_tensor
+from .candidates import CandidateSpace, TensorChoice, candidate_front, evaluate_tensor
 from .explain import explain
-
-
-def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates no other candidate beats on both bits and error, cheapest first."""
-    front: list[Candidate] = []
-    for c in sorted(candidates, key=lambda c: (c.bits, c.error)):
-        if not front or c.error < front[-1].error:
-            front.append(c)
-    return front
 
 
 def _check_budget(budget_bits: float, floor: float, total_elements: int) -> None:
@@ -74,9 +65,9 @@ def allocate_budget(choices: Sequence[TensorChoice], budget_bits: float, *, slot
     spare = max(limit - floor, 0.0)
     unit = spare / slots if spare > 0 else 1.0
     best = np.zeros(slots + 1)  # best[s]: least error of the tensors so far within s units
+    fronts = [candidate_front(c.candidates) for c in choices]
     tables = []
-    for c in choices:
-        front = pareto_front(c.candidates)
+    for c, front in zip(choices, fronts):
         base = front[0].bits
         costs = [int(math.ceil((x.bits - base) * c.numel / unit - 1e-9)) for x in front]
         new = np.full(slots + 1, np.inf)
@@ -102,7 +93,7 @@ def allocate_budget(choices: Sequence[TensorChoice], budget_bits: float, *, slot
     while True:
         upgrades = [
             ((c.chosen.error - x.error) * c.numel / ((x.bits - c.chosen.bits) * c.numel), c, x)
-            for c in choices for x in pareto_front(c.candidates)
+            for c, front in zip(choices, fronts) for x in front
             if x.bits > c.chosen.bits and x.error < c.chosen.error
             and spent + (x.bits - c.chosen.bits) * c.numel <= limit
         ]
@@ -169,15 +160,18 @@ def search_recipe(
     ``max_rel_error`` (per tensor) must be given.
 
     ``threads``: torch intra-op threads during the search (restored afterwards; ``None``
-    leaves them alone). The default is 1: the search runs many small element-wise ops
-    (at most ``max_rows`` rows each), which gain nothing from threads and, on a busy
-    machine, lose 10-40x to OpenMP workers spinning for a core (measured on 2 shared
-    cores: 1.0 s against 10-55 s per MiniLM tensor).
+    leaves them alone). The default is 1: the torch reference path runs many small
+    element-wise ops, which gain nothing from threads and, on a busy machine, lose
+    10-40x to OpenMP workers spinning for a core (measured on 2 shared cores: 1.0 s
+    against 10-55 s per MiniLM tensor). The fused error pass, which does almost all of
+    the work, runs its rows on the thread count torch had before (one parallel loop
+    per tensor, no such stalls).
     """
     if (budget_bits is None) == (max_rel_error is None):
         raise UMQError("give exactly one of budget_bits and max_rel_error", rule="target")
     choices = []
     total = len(weights)
+    fused_threads = torch.get_num_threads()
     with torch_threads(threads):
         for i, name in enumerate(weights):
             weight = weights[name]  # a lazy mapping reads one tensor at a time
@@ -185,7 +179,11 @@ def search_recipe(
             if item is not None and item.channels != weight.shape[1]:
                 raise UMQError(f"statistics have {item.channels} channels, the weight has {weight.shape[1]} columns",
                                rule="activation-stats", tensor=name)
-            choices.append(evaluate_tensor(name, weight, item, space, max_rows=max_rows))
+            try:
+                choices.append(evaluate_tensor(name, weight, item, space, max_rows=max_rows,
+                                               fused_threads=fused_threads))
+            except UMQError as exc:
+                raise exc.located(tensor=name)
             progress("search", i + 1, total)
     if not choices:
         raise UMQError("no quantizable tensors", rule="plan")

@@ -40,7 +40,7 @@ def calibrate_command(
     max_rows: Annotated[int, typer.Option("--max-rows", min=0, help="Estimate each candidate's error on this many evenly spaced weight rows (0 = all rows, the default: rows with outlier weights make subsets unreliable).")] = 0,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only search tensors matching this glob or re:regex (as umq pack).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never search tensors matching this glob or re:regex (as umq pack).")] = None,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads for running the model (0 = torch's default). The search itself runs single-threaded.")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads for running the model and the fused part of the search (0 = torch's default).")] = 0,
     hessian: Annotated[bool, typer.Option("--hessian", help="Also collect each linear input's Hessian E[x x^T] (float32, 4*C^2 bytes per distinct input) into --stats-out, for `umq pack --method gptq`.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
