@@ -39,6 +39,7 @@ import torch
 
 from . import codec
 from .baselines import BASELINES, Baseline
+from ._fused import torch_threads
 from ._optional import require
 from .errors import UMQError
 from .format import LoFormat, Method, QuantParams, Selection
@@ -628,9 +629,7 @@ def _run_in_threads(measure: Callable[[str], TensorOutcome], names: Sequence[str
     afterwards), reporting progress as tensors finish; the first error cancels the rest."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         progress("compare", 0, len(names))
         done: dict[str, TensorOutcome] = {}
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -645,8 +644,6 @@ def _run_in_threads(measure: Callable[[str], TensorOutcome], names: Sequence[str
                     future.cancel()
                 raise
         return done
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _format_results(formats: Sequence[Format], outcomes: Sequence[TensorOutcome]
