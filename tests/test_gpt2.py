@@ -55,7 +55,11 @@ def _dense_with_dequantized(src: Path, packed_dir: Path) -> torch.nn.Module:
 
 def _loaders(packed_dir: Path):
     yield "load_hf", umqcli.load_hf(packed_dir)
-    yield "from_pretrained", transformers.AutoModelForCausalLM.from_pretrained(packed_dir).eval()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(packed_dir, output_loading_info=True)
+    # Tensors decoded after loading are neither reported MISSING ("newly initialized")
+    # nor their packed parts UNEXPECTED.
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
+    yield "from_pretrained", model.eval()
 
 
 def test_conv1d_packed_as_stored_and_decoded_in_its_layout(gpt2_dir, tmp_path):

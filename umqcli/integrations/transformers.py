@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -32,7 +33,7 @@ from torch import nn
 from .._optional import require, transformers_quiet
 from ..errors import UMQError
 from ..load_checks import check_directory_before_loading, check_loaded_layers, packed_directory_specs
-from ..format import QUANT_METHOD, TensorSpec
+from ..format import DATA_SUFFIX, MASK_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, TensorSpec
 from ..nn import UMQLinear, configure, replace_submodule, umq_linears
 
 require("transformers", extra="hf", purpose="the transformers integration (loading packed models)")
@@ -69,6 +70,7 @@ class UMQHfQuantizer(HfQuantizer):
         self.checkpoint_files = list(checkpoint_files or [])
         specs = check_before_weights_load(self.checkpoint_files)
         self.decode_on_load = swap_packed_linears(model, specs)
+        _expect_decoded_after_loading(model, self.decode_on_load)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -153,6 +155,22 @@ def swap_packed_linears(model: nn.Module, specs: Mapping[str, TensorSpec]) -> di
         else:
             decode_on_load[name] = spec
     return decode_on_load
+
+
+def _expect_decoded_after_loading(model: nn.Module, names: Iterable[str]) -> None:
+    """Tell transformers' load report that ``names`` (decoded by :func:`_decode_into`) are
+    not MISSING ("newly initialized"), nor their packed parts UNEXPECTED; likewise a weight
+    tied to one of them (GPT-2's ``lm_head`` when ``wte`` is packed)."""
+    names = set(names)
+    if not names:
+        return
+    tied = {target for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+            if any(source == name or source.endswith("." + name) or name.endswith("." + source) for name in names)}
+    either = "|".join(re.escape(name) for name in sorted(names | tied))
+    parts = "|".join(re.escape(suffix) for suffix in (DATA_SUFFIX, MASK_SUFFIX, SCALE_SUFFIX))
+    model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {rf"(^|\.)({either})$"}
+    model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
+                                                | {rf"(^|\.)({either})({parts})$"})
 
 
 def _module_for(model: nn.Module, weight_name: str) -> tuple[str, nn.Module | None]:
