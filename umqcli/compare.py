@@ -85,6 +85,18 @@ class Format:
             detail = {"library": self.baseline.library, **self.baseline.params}
         return {"name": self.name, "kind": self.kind, "family": self.family, "params": detail}
 
+    def fake_quantize(
+        self, weight: torch.Tensor, *, act_sq: torch.Tensor | None = None, act_absmax: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 ``[R, C]``: ``weight`` as this format decodes it, for a dense stand-in
+        model. UMQ: ``dequantize(quantize(...))`` decoded to float32, the values a
+        ``UMQLinear`` multiplies by (decoding to a bfloat16 source's dtype would round the
+        lo values once more)."""
+        if self.params is not None:
+            return codec.dequantize(codec.quantize(weight, self.params, act_sq=act_sq), torch.float32)
+        assert self.baseline is not None
+        return self.baseline.quantize_dequantize(weight, act_absmax).float()
+
 
 def umq_name(params: QuantParams) -> str:
     """``umq-k1-fp8_e4m3-row-mag``: k, lo, block (``row`` or ``b32``), selection, and
@@ -149,6 +161,7 @@ class FormatResult:
     weight_error: float | None = None
     pareto: bool = False
     note: str = ""
+    perplexity: float | None = None  # of the model with every compared weight in this format
 
     @property
     def name(self) -> str:
@@ -167,6 +180,7 @@ class FormatResult:
             "weight_error": self.weight_error,
             "pareto": self.pareto,
             "note": self.note,
+            "perplexity": self.perplexity,
             "per_tensor": {
                 name: {
                     "bits": r.bits,
@@ -248,6 +262,8 @@ class CompareReport:
     skipped_tensors: dict[str, str]
     skipped_formats: dict[str, str]
     seconds: float = 0.0
+    # Of the unquantized model, when measured (add_perplexity): {reference, text, tokens, window}.
+    perplexity: dict[str, Any] | None = None
 
     @property
     def elements(self) -> int:
@@ -266,6 +282,7 @@ class CompareReport:
             "budgets": [b.to_json() for b in self.budgets],
             "skipped_tensors": self.skipped_tensors,
             "skipped_formats": self.skipped_formats,
+            "perplexity": self.perplexity,
         }
 
 
@@ -670,6 +687,44 @@ def _format_results(formats: Sequence[Format], outcomes: Sequence[TensorOutcome]
 
 
 # --------------------------------------------------------------------------- plot
+
+
+def add_perplexity(
+    report: CompareReport,
+    text_file: str | Path,
+    *,
+    window: int | None = None,
+    max_tokens: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> None:
+    """Fill ``perplexity`` of every measured format: the source model (a Hugging Face
+    directory) with every compared weight fake-quantized by that format, on ``text_file``
+    (:mod:`umqcli.perplexity`'s protocol), and ``report.perplexity`` for the unquantized model."""
+    from . import perplexity as ppl
+
+    stats = None
+    if report.activations is not None:
+        from .stats import load_stats
+
+        stats = load_stats(report.activations)
+
+    def quantizer(fmt: Format):
+        def fake_quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
+            entry = stats[name] if stats is not None else None
+            return fmt.fake_quantize(weight, act_sq=None if entry is None else entry.act_sq.float(),
+                                     act_absmax=None if entry is None else entry.absmax.float())
+        return fake_quantize
+
+    measured = [r for r in report.formats if r.rel_error is not None]
+    window = window or ppl.DEFAULT_WINDOW
+    reference, results = ppl.fake_quantized_perplexities(
+        report.source, text_file, {r.name: quantizer(r.format) for r in measured}, [t.name for t in report.tensors],
+        window=window, max_tokens=max_tokens or ppl.DEFAULT_MAX_TOKENS, progress=progress,
+    )
+    for r in measured:
+        r.perplexity = results[r.name].value
+    report.perplexity = {"reference": reference.value, "text": str(text_file), "tokens": reference.tokens,
+                         "window": reference.window}
 
 
 def plot_report(report: CompareReport, path: str | Path) -> None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .errors import UMQError
+from .progress import ProgressFn, no_progress
 
 DEFAULT_WINDOW = 256
 DEFAULT_MAX_TOKENS = 4096
@@ -127,3 +129,97 @@ def text_perplexity(
 ) -> Perplexity:
     """:func:`token_windows` then :func:`perplexity`."""
     return perplexity(model, token_windows(tokenizer, text, window=window, max_tokens=max_tokens))
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of ``path`` (:class:`UMQError` naming it when unreadable)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UMQError(f"cannot read the perplexity text ({exc.__class__.__name__}: {exc})",
+                       rule="perplexity-text", file=path) from None
+
+
+def _model_dir(path: str | Path, role: str) -> Path:
+    path = Path(path)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise UMQError(f"perplexity needs the {role} as a Hugging Face model directory (with config.json "
+                       "and tokenizer files)", rule="perplexity-model", file=path)
+    return path
+
+
+def packed_perplexity(
+    packed_dir: str | Path,
+    reference_dir: str | Path,
+    text_file: str | Path,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> PerplexityIncrease:
+    """Perplexity of the reference model and of the packed one (``load_hf``) on the same
+    token windows of ``text_file``, tokenized by the reference's tokenizer; both run in
+    float32 apart from the packed weights themselves."""
+    from .integrations.transformers import load_dense_model, load_hf
+    from .nn import configure
+
+    packed_dir, reference_dir = _model_dir(packed_dir, "packed model"), _model_dir(reference_dir, "reference")
+    text = read_text(text_file)
+    model, tokenizer = load_dense_model(reference_dir)
+    windows = token_windows(tokenizer, text, window=window, max_tokens=max_tokens, source=str(text_file))
+    reference = perplexity(model, windows)
+    del model
+    packed = configure(load_hf(packed_dir, dtype=torch.float32), cache_decoded=True)  # decode once, not per window
+    measured = perplexity(packed, windows)
+    return PerplexityIncrease(reference=reference.value, packed=measured.value, tokens=reference.tokens, window=window)
+
+
+def fake_quantized_perplexities(
+    source_dir: str | Path,
+    text_file: str | Path,
+    fake_quantizers: Mapping[str, Callable[[str, torch.Tensor], torch.Tensor]],
+    weight_names: Sequence[str],
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress: ProgressFn = no_progress,
+) -> tuple[Perplexity, dict[str, Perplexity]]:
+    """(reference perplexity, {format: perplexity}) of the float32 model in ``source_dir``
+    with each of ``weight_names`` (checkpoint names) replaced by
+    ``fake_quantizers[format](name, stored weight)`` (the stored dtype, float32 result).
+    Every format sees the same token windows; the weights are restored between formats."""
+    from .calibrate.hooks import match_weight_names
+    from .integrations.transformers import load_dense_model
+    from .io import open_checkpoint
+
+    source_dir = _model_dir(source_dir, "source")
+    model, tokenizer = load_dense_model(source_dir)
+    windows = token_windows(tokenizer, read_text(text_file), window=window, max_tokens=max_tokens,
+                            source=str(text_file))
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    owner = {weight: module for module, weight in match_weight_names(linears, weight_names).items()}
+    missing = [name for name in weight_names if name not in owner]
+    if missing:
+        raise UMQError(f"no linear layer of the model holds {missing[0]} ({len(missing)} weight(s) unmatched)",
+                       rule="perplexity-model", file=source_dir, tensor=missing[0])
+    reference = perplexity(model, windows)
+    results: dict[str, Perplexity] = {}
+    with open_checkpoint(source_dir) as checkpoint:
+        stored = {name: checkpoint.get(name) for name in weight_names}
+    original = {name: linears[owner[name]].weight.detach().clone() for name in weight_names}
+    try:
+        for done, (format_name, fake_quantize) in enumerate(fake_quantizers.items()):
+            progress(format_name, done, len(fake_quantizers))
+            with torch.no_grad():
+                for name in weight_names:
+                    linears[owner[name]].weight.copy_(fake_quantize(name, stored[name]))
+            results[format_name] = perplexity(model, windows)
+        progress("", len(fake_quantizers), len(fake_quantizers))
+    finally:
+        with torch.no_grad():
+            for name in weight_names:
+                linears[owner[name]].weight.copy_(original[name])
+    return reference, results

@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 from rich.text import Text
 
-from ..compare import CompareReport, compare_checkpoint, plot_report
+from ..compare import CompareReport, add_perplexity, compare_checkpoint, plot_report
+from ..perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
 from ..errors import UMQError
 from ._common import app, console, error_boundary, fail, print_json, progress_bar
 
@@ -50,6 +51,13 @@ def compare_command(
     per_tensor: Annotated[
         bool, typer.Option("--per-tensor", help="Also print, per tensor, the most accurate format under each budget.")
     ] = False,
+    perplexity: Annotated[
+        Optional[Path],
+        typer.Option("--perplexity", help="A UTF-8 text: adds the perplexity of the SRC model (a causal LM directory) "
+                     "with every compared weight fake-quantized by each format."),
+    ] = None,
+    ppl_window: Annotated[int, typer.Option("--ppl-window", min=2, help="Perplexity window, tokens.")] = DEFAULT_WINDOW,
+    ppl_tokens: Annotated[int, typer.Option("--ppl-tokens", min=2, help="Perplexity over the text's first N tokens.")] = DEFAULT_MAX_TOKENS,
 ) -> None:
     """Bits per element (everything stored) and output error (relative Frobenius, SQNR)
     for UMQ configs (k 0/1/2/4 x lo x block row/32 x selection) and the seed baselines
@@ -60,6 +68,8 @@ def compare_command(
     options = dict(activations=activations, patterns=tensor or (), x_rows=x_rows, weight_rows=weight_rows,
                    seed=seed, workers=workers)
     report = _run(src, options, as_json)
+    if perplexity is not None:
+        _add_perplexity(report, perplexity, ppl_window, ppl_tokens, quiet=as_json)
     if png is not None:
         _write_png(report, png)
     if as_json:
@@ -101,6 +111,17 @@ def render_report(report: CompareReport, *, per_tensor: bool, png: Path | None) 
         console.print(f"[yellow]not compared[/] {name}: {reason}", highlight=False)
     if png is not None:
         console.print(f"plot written to {png}", highlight=False)
+
+
+def _add_perplexity(report: CompareReport, text: Path, window: int, tokens: int, quiet: bool) -> None:
+    if quiet:
+        add_perplexity(report, text, window=window, max_tokens=tokens)
+        return
+    with progress_bar(TextColumn("[bold]perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("formats"),
+                      TimeElapsedColumn()) as bar:
+        task = bar.add_task("", total=None)
+        add_perplexity(report, text, window=window, max_tokens=tokens,
+                       progress=lambda stage, done, total: bar.update(task, completed=done, total=total))
 
 
 def _write_png(report: CompareReport, png: Path) -> None:
@@ -145,20 +166,30 @@ def format_table(report: CompareReport) -> Table:
     table.add_column("out err", justify="right", no_wrap=True)
     table.add_column("SQNR dB", justify="right", no_wrap=True)
     table.add_column("w err", justify="right", no_wrap=True)
+    ppl = report.perplexity
+    if ppl is not None:
+        table.add_column(f"ppl\n(ref {ppl['reference']:.3f})", justify="right", no_wrap=True)
+        table.caption += (f" ppl: perplexity of the model with every compared weight in the format, "
+                          f"{ppl['tokens']} tokens of {ppl['text']} in windows of {ppl['window']}.")
     table.add_column("note", overflow="fold")
     for r in report.formats:
         style = "bold" if r.pareto else None
-        table.add_row(
+        cells = [
             "★" if r.pareto else "",
             r.name,
             "-" if r.bits is None else f"{r.bits:.3f}",
             _err(r.rel_error),
             _db(r.sqnr_db),
             _err(r.weight_error),
-            r.note,
-            style=style,
-        )
+        ]
+        if ppl is not None:
+            cells.append("-" if r.perplexity is None else _ppl(r.perplexity, ppl["reference"]))
+        table.add_row(*cells, r.note, style=style)
     return table
+
+
+def _ppl(value: float, reference: float) -> str:
+    return f"{value:.3f} ({100 * (value / reference - 1):+.2f}%)"
 
 
 def budget_table(report: CompareReport) -> Table:

@@ -16,7 +16,8 @@ from ..errors import UMQError
 from ..verify import (
     DEFAULT_MAX_REL_ERROR, DEFAULT_ROWS, DEFAULT_SEED, VerifyReport, junit_error_xml, junit_xml, verify,
 )
-from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, error_boundary, print_json, progress_bar
+from ..perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, PerplexityIncrease, packed_perplexity
+from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, error_boundary, fail, print_json, progress_bar
 
 
 class BackendChoice(str, Enum):
@@ -39,6 +40,10 @@ def verify_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the Gaussian input rows.")] = DEFAULT_SEED,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (no table, no progress bar).")] = False,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report (one test case per tensor).")] = None,
+    perplexity: Annotated[Optional[Path], typer.Option("--perplexity", help="A UTF-8 text: perplexity of the --reference model and of the packed one (both HF causal LM directories) on it.")] = None,
+    max_ppl_increase: Annotated[Optional[float], typer.Option("--max-ppl-increase", min=0.0, help="Fail (exit 1) when the packed perplexity is more than this many percent above the reference's.")] = None,
+    ppl_window: Annotated[int, typer.Option("--ppl-window", min=2, help="Perplexity window, tokens.")] = DEFAULT_WINDOW,
+    ppl_tokens: Annotated[int, typer.Option("--ppl-tokens", min=2, help="Perplexity over the text's first N tokens.")] = DEFAULT_MAX_TOKENS,
 ) -> None:
     """Check a packed checkpoint: integrity first (FORMAT rules, crc32, reference), then
     per tensor the error of Y = X·Ŵᵀ against X·Wᵀ next to plain FP8 / INT8 per-channel.
@@ -48,6 +53,12 @@ def verify_command(
     """
     if not math.isfinite(max_rel_error):
         raise UMQError(f"--max-rel-error must be a finite number >= 0, got {max_rel_error}", rule="tolerance")
+    if max_ppl_increase is not None and not math.isfinite(max_ppl_increase):
+        raise UMQError(f"--max-ppl-increase must be a finite number >= 0, got {max_ppl_increase}", rule="tolerance")
+    if perplexity is not None and reference is None:
+        raise fail("--perplexity needs --reference (the unquantized model to compare against)")
+    if max_ppl_increase is not None and perplexity is None:
+        raise fail("--max-ppl-increase needs --perplexity TEXT")
     options = dict(
         reference=reference, activations=activations, backend=backend.value, rows=rows,
         max_rel_error=max_rel_error, tensors=tensor or (), seed=seed,
@@ -58,13 +69,30 @@ def verify_command(
         if junit is not None:  # CI still gets a report saying why (then exit 2)
             _write_junit(junit, junit_error_xml(packed, exc))
         raise
+    ppl = None if perplexity is None else packed_perplexity(
+        packed, reference, perplexity, window=ppl_window, max_tokens=ppl_tokens
+    )
+    ppl_passed = ppl is None or max_ppl_increase is None or ppl.increase_pct <= max_ppl_increase
     if junit is not None:
         _write_junit(junit, junit_xml(report))
     if as_json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), **({} if ppl is None else {"perplexity": ppl.to_json()})})
     else:
         render_report(report)
-    raise typer.Exit(EXIT_OK if report.passed else EXIT_THRESHOLD)
+        if ppl is not None:
+            render_perplexity(ppl, perplexity, max_ppl_increase)
+    raise typer.Exit(EXIT_OK if report.passed and ppl_passed else EXIT_THRESHOLD)
+
+
+def render_perplexity(ppl: PerplexityIncrease, text: Path, max_increase: float | None) -> None:
+    table = Table(title=f"perplexity on {text}: first {ppl.tokens} tokens, windows of {ppl.window}", show_header=True)
+    for header in ("reference", "packed", "increase"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_row(f"{ppl.reference:.4f}", f"{ppl.packed:.4f}", f"{ppl.increase_pct:+.3f}%")
+    console.print(table)
+    if max_increase is not None:
+        verdict = "[green]within" if ppl.increase_pct <= max_increase else "[bold red]above"
+        console.print(f"{verdict} --max-ppl-increase {max_increase:g}%[/]", highlight=False)
 
 
 def _write_junit(path: Path, text: str) -> None:
