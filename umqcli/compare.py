@@ -93,7 +93,7 @@ class Format:
         ``UMQLinear`` multiplies by (decoding to a bfloat16 source's dtype would round the
         lo values once more)."""
         if self.params is not None:
-            return codec.dequantize(codec.quantize(weight, self.params, act_sq=act_sq), torch.float32)
+            return codec.fake_quantize(weight, self.params, act_sq=act_sq, dtype=torch.float32)
         assert self.baseline is not None
         return self.baseline.quantize_dequantize(weight, act_absmax).float()
 
