@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,12 @@ def _assert_holds_file_bytes(model: torch.nn.Module, packed_dir: Path) -> int:
 def test_import_umqcli_registers_for_a_plain_from_pretrained_without_importing_transformers(tmp_path):
     packed_dir = tmp_path / "llama.umq"
     pack(_tiny_llama(tmp_path / "llama"), packed_dir, params=QuantParams(k=1), with_error=False)
+    # The same directory with its weights behind an index that is not JSON (which
+    # transformers parses before any quantizer hook): umq's error, not transformers'.
+    broken_dir = tmp_path / "broken.umq"
+    shutil.copytree(packed_dir, broken_dir)
+    (broken_dir / "model.safetensors").rename(broken_dir / "model-00001-of-00001.safetensors")
+    (broken_dir / "model.safetensors.index.json").write_text('{"weight_map": {')
     script = f"""
 import json, sys, torch
 import umqcli
@@ -74,14 +81,19 @@ ids = torch.arange(12).view(1, 12)
 with torch.no_grad():
     logits = model(input_ids=ids).logits
 torch.save(logits, {str(tmp_path / "logits.pt")!r})
-print(json.dumps({{"loaded_early": loaded_early,
+try:
+    AutoModelForCausalLM.from_pretrained({str(broken_dir)!r})
+    broken = "loaded"
+except umqcli.UMQError as exc:
+    broken = exc.rule
+print(json.dumps({{"loaded_early": loaded_early, "broken_index": broken,
                    "umq_layers": sum(type(m).__name__ == "UMQLinear" for m in model.modules())}}))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report == {"loaded_early": False, "umq_layers": 2 * 7}  # q k v o gate up down per layer
+    assert report == {"loaded_early": False, "broken_index": "index", "umq_layers": 2 * 7}  # q k v o gate up down per layer
     # Same model as the documented helper gives (the lm_head is tied to the embedding, not packed).
     helper = integration.load_hf(packed_dir)
     assert _assert_holds_file_bytes(helper, packed_dir) == 14

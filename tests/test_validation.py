@@ -148,6 +148,9 @@ CASES: list[tuple[str, Callable[[Path], None], str, str | None]] = [
     ("index-not-json", lambda d: mutate_index(d, lambda i: '{"weight_map": {'), "index", None),
     ("index-map-not-object", lambda d: mutate_index(d, lambda i: i.__setitem__("weight_map", ["a"])), "index", None),
     ("index-null-value", lambda d: mutate_index(d, lambda i: i["weight_map"].__setitem__(LAYER + ".umq_data", None)), "index", None),
+    ("index-no-weight-map", lambda d: mutate_index(d, lambda i: i.pop("weight_map")), "index", None),
+    ("index-not-object", lambda d: mutate_index(d, lambda i: "[]"), "index", None),
+    ("index-empty-entry", lambda d: mutate_index(d, lambda i: i["weight_map"].__setitem__(LAYER + ".umq_data", "")), "index-path", LAYER + ".umq_data"),
     ("index-missing-shard", lambda d: _shard_of(d, "pooler.dense.weight.umq_data").unlink(), "index-missing", None),
     ("index-leaves-out-shard", drop_shard_from_index, "index-unlisted", None),
     ("orphan", orphan, "orphan", LAYER),
@@ -163,9 +166,6 @@ CASES: list[tuple[str, Callable[[Path], None], str, str | None]] = [
     ("metadata-zero", lambda d: set_metadata(d, 0), "not-safetensors", None),
     ("metadata-false", lambda d: set_metadata(d, False), "not-safetensors", None),
 ]
-# transformers parses the index itself before any quantizer hook runs: a plain
-# from_pretrained call meets these with transformers' own exception (load_hf does not).
-TRANSFORMERS_READS_FIRST = {"index-not-json", "index-map-not-object", "index-null-value", "index-missing-shard"}
 
 
 @pytest.fixture()
@@ -202,19 +202,56 @@ def test_cli_readers_refuse(damaged, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damaged", CASES, ids=[c[0] for c in CASES], indirect=True)
 def test_python_loaders_refuse(damaged) -> None:
+    """load_hf and a plain from_pretrained (the index too, which transformers parses
+    before any quantizer hook) raise the same UMQError; neither returns a model."""
     import transformers
 
-    target, rule, tensor, case_id = damaged
+    target, rule, tensor, _ = damaged
     with pytest.raises(UMQError) as info:
         load_hf(target)
     assert info.value.rule == rule and str(target) in str(info.value)
     if tensor is not None:
         assert info.value.tensor == tensor
-    if case_id not in TRANSFORMERS_READS_FIRST:
-        register()
+    register()
+    for model_class in (transformers.AutoModel, transformers.BertModel):
+        with pytest.raises(UMQError) as plain:
+            model_class.from_pretrained(target)
+        assert str(plain.value) == str(info.value)
+
+
+def test_what_transformers_raises_on_a_packed_index_is_one_umq_line(packed_bert: Path, tmp_path: Path) -> None:
+    """An index umq's rules accept but transformers cannot use (no "metadata" object):
+    transformers' KeyError becomes UMQError naming the index (rule transformers), chained."""
+    import transformers
+
+    target = tmp_path / "packed"
+    shutil.copytree(packed_bert, target)
+    mutate_index(target, lambda index: index.pop("metadata"))
+    for load in (lambda: load_hf(target), lambda: transformers.AutoModel.from_pretrained(target)):
         with pytest.raises(UMQError) as info:
-            transformers.BertModel.from_pretrained(target)
-        assert info.value.rule == rule
+            load()
+        assert info.value.rule == "transformers" and info.value.file == str(target / INDEX_NAME)
+        assert "KeyError: 'metadata'" in info.value.message and isinstance(info.value.__cause__, KeyError)
+
+
+def test_index_check_is_installed_once_and_leaves_other_models_alone(packed_bert: Path, tmp_path: Path) -> None:
+    """The wrapper around transformers' shard resolution is installed once, and for a
+    directory whose config does not say umq, transformers' own behaviour is unchanged."""
+    import transformers
+    import transformers.modeling_utils as modeling_utils
+
+    from umqcli.integrations.transformers import install_index_check
+
+    install_index_check()
+    wrapped = modeling_utils.get_checkpoint_shard_files
+    install_index_check()
+    assert modeling_utils.get_checkpoint_shard_files is wrapped and wrapped.umq_checks_index
+    assert not getattr(wrapped.__wrapped__, "umq_checks_index", False)  # one layer, not two
+    dense = tmp_path / "dense"
+    shutil.copytree(packed_bert.parent / "dense", dense)
+    (dense / INDEX_NAME).write_text('{"weight_map": {')
+    with pytest.raises(json.JSONDecodeError):  # transformers' own exception, not umq's
+        transformers.BertModel.from_pretrained(dense)
 
 
 def test_layer_the_loader_leaves_unfilled_is_an_error(packed_bert: Path, monkeypatch) -> None:

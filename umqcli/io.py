@@ -341,14 +341,12 @@ class Checkpoint:
     def _resolve_dir(self) -> list[Path]:
         index_path = self.path / INDEX_NAME
         if index_path.exists():
-            self.index = _load_index(index_path)
-            root = self.path
+            self.index, shards = read_index(index_path)
             files: list[Path] = []
-            for tensor, rel in self.index["weight_map"].items():
-                shard = _safe_child(root, rel, index_path, tensor)
+            for tensor, shard in shards.items():
                 if not shard.exists():
-                    raise UMQError(f"index points to '{rel}', which does not exist", rule="index-missing",
-                                   file=index_path, tensor=tensor)
+                    raise UMQError(f"index points to '{self.index['weight_map'][tensor]}', which does not exist",
+                                   rule="index-missing", file=index_path, tensor=tensor)
                 if shard not in files:
                     files.append(shard)
             _check_unlisted_shards(self.path, files, index_path)
@@ -548,6 +546,17 @@ class Checkpoint:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a ``.safetensors`` file or a Hugging Face model directory (see :class:`Checkpoint`)."""
     return Checkpoint(path)
+
+
+def read_index(index_path: str | Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``model.safetensors.index.json`` and each tensor's shard path, held to the index
+    rules that need no shard (``index``: JSON with a ``weight_map`` object of strings;
+    ``index-path``: every entry inside the index's directory). The shards' presence and
+    contents are :class:`Checkpoint`'s to check."""
+    index_path = Path(index_path)
+    index = _load_index(index_path)
+    return index, {tensor: _safe_child(index_path.parent, rel, index_path, tensor)
+                   for tensor, rel in index["weight_map"].items()}
 
 
 def _load_index(index_path: Path) -> dict[str, Any]:

@@ -11,9 +11,11 @@
 - :func:`load_dense_model`: a local, unquantized model and its tokenizer in float32
   (what calibration and perplexity run).
 
-Validation hooks: :func:`check_before_weights_load` runs on the checkpoint files before
-transformers reads a byte of them and :func:`check_after_weights_load` on the loaded model;
-both raise :class:`~umqcli.errors.UMQError`.
+Validation hooks, all raising :class:`~umqcli.errors.UMQError`: :func:`check_index_first`
+runs on ``model.safetensors.index.json`` before transformers parses it (the one file
+transformers reads before any quantizer hook; see :func:`install_index_check`),
+:func:`check_before_weights_load` on the checkpoint files before transformers reads a
+tensor, and :func:`check_after_weights_load` on the loaded model.
 
 Tested with transformers 5.24 (pyproject pins the range); the quantizer API changed
 across 5.x minor releases.
@@ -21,9 +23,11 @@ across 5.x minor releases.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -34,6 +38,7 @@ from .._optional import require, transformers_quiet
 from ..errors import UMQError
 from ..load_checks import check_directory_before_loading, check_loaded_layers, packed_directory_specs
 from ..format import DATA_SUFFIX, MASK_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, TensorSpec
+from ..io import read_index
 from ..nn import UMQLinear, configure, replace_submodule, umq_linears
 
 require("transformers", extra="hf", purpose="the transformers integration (loading packed models)")
@@ -65,6 +70,11 @@ class UMQHfQuantizer(HfQuantizer):
     """Loads checkpoints written by ``umq pack`` (pre-quantized only)."""
 
     requires_calibration = True  # umq never quantizes inside from_pretrained
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        # transformers builds the quantizer from config.json before it resolves (and
+        # parses) the checkpoint's index: the last moment to put umq's index rules first.
+        install_index_check()
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_files = list(checkpoint_files or [])
@@ -105,6 +115,71 @@ def register() -> None:
 
 
 # --------------------------------------------------------------------------- validation hooks
+
+# What transformers (or safetensors under it) raises about files it reads itself.
+TRANSFORMERS_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError)
+
+
+def transformers_error(exc: BaseException, file: str | os.PathLike) -> UMQError:
+    """``exc`` from transformers' own reading of ``file``, as umq's one line (rule
+    ``transformers``); raise it ``from exc`` to keep the cause chained."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return UMQError(f"transformers could not load it: {type(exc).__name__}: {first_line}",
+                    rule="transformers", file=file)
+
+
+def says_umq(directory: str | os.PathLike) -> bool:
+    """Whether ``directory/config.json`` declares ``quant_method: "umq"``."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return _quant_method(config) == QUANT_METHOD
+
+
+def check_index_first(resolve_shards):
+    """transformers' ``get_checkpoint_shard_files`` (it parses the index, then resolves or
+    downloads the shards), with umq's index rules applied first for a packed directory
+    (its ``config.json`` says ``quant_method: "umq"``): JSON, ``weight_map`` an object
+    of strings, every entry inside the directory. What transformers still raises there
+    (an index without ``metadata``, a shard it cannot download) becomes the same
+    one-line :class:`UMQError`, naming the index. Other directories pass through
+    untouched. The shards' presence and contents are checked by the quantizer before a
+    tensor is read (:func:`check_before_weights_load`)."""
+
+    @functools.wraps(resolve_shards)
+    def resolve_checked(pretrained_model_name_or_path, index_filename, *args, **kwargs):
+        if not says_umq(Path(index_filename).parent):
+            return resolve_shards(pretrained_model_name_or_path, index_filename, *args, **kwargs)
+        read_index(index_filename)
+        try:
+            return resolve_shards(pretrained_model_name_or_path, index_filename, *args, **kwargs)
+        except TRANSFORMERS_ERRORS as exc:
+            raise transformers_error(exc, index_filename) from exc
+
+    resolve_checked.umq_checks_index = True
+    return resolve_checked
+
+
+_INSTALL_LOCK = threading.Lock()
+
+
+def install_index_check() -> None:
+    """Wrap ``transformers.modeling_utils.get_checkpoint_shard_files`` (the name
+    ``from_pretrained`` calls) in :func:`check_index_first`, once per process.
+
+    transformers 5.24 parses ``model.safetensors.index.json`` before any quantizer hook
+    sees a file path, so no hook can check it first; this wrapper is the narrow way in.
+    Called when transformers builds the umq quantizer (so a process that never loads a
+    packed model never has it), idempotent, and a pass-through for every directory whose
+    config does not say ``umq``. The name is a module global of 5.24 (pinned range)."""
+    import transformers.modeling_utils as modeling_utils
+
+    with _INSTALL_LOCK:
+        current = modeling_utils.get_checkpoint_shard_files
+        if not getattr(current, "umq_checks_index", False):
+            modeling_utils.get_checkpoint_shard_files = check_index_first(current)
+
 
 
 def check_before_weights_load(checkpoint_files: Iterable[str | os.PathLike]) -> dict[str, TensorSpec]:
@@ -229,9 +304,8 @@ def _read_quantization_config(path: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UMQError(f"config.json is not valid JSON ({exc})", rule="hf-config", file=config_file) from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        found = qc.get("quant_method") if isinstance(qc, dict) else None
+    found = _quant_method(config)
+    if found != QUANT_METHOD:
         raise UMQError(
             f"config.json has no quantization_config with quant_method 'umq' (found {found!r}); "
             "was this directory written by umq pack?",
@@ -239,6 +313,12 @@ def _read_quantization_config(path: Path) -> dict[str, Any]:
             file=config_file,
         )
     return config
+
+
+def _quant_method(config: Any) -> Any:
+    """``quantization_config.quant_method`` of a parsed config.json, else None."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
 def _model_class(architectures: list[str] | None) -> Any:
@@ -277,12 +357,8 @@ def load_hf(
             model = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
     except UMQError as exc:
         raise exc.located(file=path)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-        # What transformers (or safetensors under it) raises about the files it read
-        # itself: the same one line as every umq error; the cause stays chained.
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise UMQError(f"transformers could not load it: {type(exc).__name__}: {first_line}",
-                       rule="transformers", file=path) from exc
+    except TRANSFORMERS_ERRORS as exc:
+        raise transformers_error(exc, path) from exc
     configure(model, backend=backend, cache_decoded=cache_decoded)
     return model.eval()
 
@@ -312,6 +388,8 @@ __all__ = [
     "UMQHfQuantizer",
     "check_after_weights_load",
     "check_before_weights_load",
+    "check_index_first",
+    "install_index_check",
     "load_dense_model",
     "load_hf",
     "register",
