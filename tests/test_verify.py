@@ -223,6 +223,23 @@ def test_bad_inputs_are_exit_2(small, tmp_path):
     assert umq("verify", tmp_path / "missing.safetensors").exit_code == 2
 
 
+@pytest.mark.parametrize("text", ["missing", "not-utf8", "directory"])
+def test_unreadable_perplexity_text_is_exit_2_before_any_check(small, tmp_path, monkeypatch, text):
+    """--perplexity TEXT is read before the (long) checks run: a missing, non-UTF-8 or
+    unreadable text is one line naming it, exit 2, and verify never starts."""
+    import umqcli.cli.verify as verify_cli
+
+    source, packed = small
+    # not UTF-8: the reference's own float32 bytes, passed as the text by mistake
+    path = {"missing": tmp_path / "missing.txt", "directory": tmp_path, "not-utf8": source}[text]
+    started = []
+    monkeypatch.setattr(verify_cli, "verify", lambda *args, **kwargs: started.append(args))
+    result = umq("verify", packed, "--reference", source, "--perplexity", path)
+    assert result.exit_code == 2 and not started, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and "[rule: perplexity-text]" in lines[0], result.stderr
+
+
 # --------------------------------------------------------------------------- inputs, backends
 
 
