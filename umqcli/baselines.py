@@ -334,7 +334,24 @@ class Int8Channel(Baseline):
 
 
 @dataclass(frozen=True)
-class Int8Group(Baseline):
+class _ColumnGroups(Baseline):
+    """A format with one scale per ``group`` consecutive input columns."""
+
+    group: int
+
+    def unsupported(self, shape):
+        return None if shape[1] % self.group == 0 else f"{self.group} does not divide {shape[1]} columns"
+
+    def _groups(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` checked, in float32, viewed as ``[R, C / group, group]``."""
+        w32 = _check_weight(w, self.name)
+        rows, cols = w32.shape
+        _check_divides(cols, self.group, self.name)
+        return w32.view(rows, cols // self.group, self.group)
+
+
+@dataclass(frozen=True)
+class Int8Group(_ColumnGroups):
     """INT8 symmetric absmax with one float32 scale per ``group`` consecutive input
     columns: UMQ's k = 0 values without the mask byte (not a seed format; the fair
     reference for what UMQ's hi elements add beyond finer scales)."""
@@ -345,14 +362,9 @@ class Int8Group(Baseline):
     def params(self) -> dict[str, Any]:
         return {"group": self.group, "scale": "fp32 absmax/127"}
 
-    def unsupported(self, shape):
-        return None if shape[1] % self.group == 0 else f"{self.group} does not divide {shape[1]} columns"
-
     def quantize_dequantize(self, w, act_absmax=None):
-        w32 = _check_weight(w, self.name)
-        rows, cols = w32.shape
-        _check_divides(cols, self.group, self.name)
-        return fake_quant_int8_channel(w32.reshape(-1, self.group)).view(rows, cols)
+        groups = self._groups(w)
+        return fake_quant_int8_channel(groups.reshape(-1, self.group)).view(groups.shape[0], -1)
 
     def bits_per_element(self, shape, act_absmax=None):
         return 8.0 + 32.0 / self.group
@@ -416,7 +428,7 @@ class LLMInt8(Baseline):
 
 
 @dataclass(frozen=True)
-class Int4Group(Baseline):
+class Int4Group(_ColumnGroups):
     """INT4 symmetric group-wise: ``group`` consecutive input columns share one float16
     scale ``absmax / 7``; codes ``round(w / scale)`` in ``[-7, 7]`` (no zero point)."""
 
@@ -426,19 +438,13 @@ class Int4Group(Baseline):
     def params(self) -> dict[str, Any]:
         return {"group": self.group, "scale": "fp16 absmax/7", "zero_point": None}
 
-    def unsupported(self, shape):
-        return None if shape[1] % self.group == 0 else f"{self.group} does not divide {shape[1]} columns"
-
     def quantize_dequantize(self, w, act_absmax=None):
-        w32 = _check_weight(w, self.name)
-        rows, cols = w32.shape
-        _check_divides(cols, self.group, self.name)
-        groups = w32.view(rows, cols // self.group, self.group)
+        groups = self._groups(w)
         # The stored scale is fp16: quantize with the rounded value a reader will see.
         scale = (groups.abs().amax(-1, keepdim=True) / 7.0).to(torch.float16).float()
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.round(groups / safe).clamp_(-7, 7)
-        return (q * scale).view(rows, cols)
+        return (q * scale).view(groups.shape[0], -1)
 
     def bits_per_element(self, shape, act_absmax=None):
         return 4.0 + 16.0 / self.group
