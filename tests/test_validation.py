@@ -416,7 +416,8 @@ def damaged_files(draw, raw: bytes) -> bytes:
     metadata = header["__metadata__"]
     if kind == "unrelated":  # header changes that leave every packed value as it was
         metadata[draw(st.sampled_from(["format", "note"]))] = draw(st.text(max_size=8))
-        header["norm.renamed"] = header.pop("norm.bias")
+        passthrough = next(name for name in sorted(header) if name != "__metadata__" and ".umq_" not in name)
+        header[passthrough + "_renamed"] = header.pop(passthrough)
         return _with_header(raw, header)
     specs = json.loads(metadata[META_TENSORS])
     name = draw(st.sampled_from(sorted(specs)))
@@ -441,23 +442,30 @@ HANG_SECONDS = 60  # each reader takes milliseconds on these 2 kB files, even on
 
 
 def _readers(path: Path, out: Path) -> dict[str, Any]:
-    """Run every reader on ``path``: each gives its result or the UMQError it raised
+    """Run every CLI reader on ``path``: each gives its result or the UMQError it raised
     (any other exception propagates and fails the test)."""
     from umqcli.inspect import check_checkpoint
     from umqcli.unpack import unpack
     from umqcli.verify import verify
 
+    return _run_readers(path, {
+        "check": lambda: check_checkpoint(path),
+        "unpack": lambda: unpack(path, out),
+        "verify": lambda: verify(path, rows=4, backend="torch"),
+    })
+
+
+def _run_readers(path: Path, readers: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each reader's result or the UMQError it raised; any other exception, or a reader
+    running past HANG_SECONDS, fails the test."""
+
     def hang(signum, frame):
-        raise TimeoutError(f"a reader ran for {HANG_SECONDS} s on a {path.stat().st_size}-byte file")
+        raise TimeoutError(f"a reader ran for {HANG_SECONDS} s on {path}")
 
     results: dict[str, Any] = {}
     previous = signal.signal(signal.SIGALRM, hang)
     try:
-        for name, read in (
-            ("check", lambda: check_checkpoint(path)),
-            ("unpack", lambda: unpack(path, out)),
-            ("verify", lambda: verify(path, rows=4, backend="torch")),
-        ):
+        for name, read in readers.items():
             signal.alarm(HANG_SECONDS)  # a hang fails the test (TimeoutError is not a UMQError)
             try:
                 results[name] = read()
@@ -502,3 +510,79 @@ def test_randomly_damaged_files_are_refused_or_read_exactly(small_packed, tmp_pa
     # The damage is real: most cases are refused; some (metadata beside umq's, a renamed
     # pass-through tensor) leave the packed values intact and must read exactly.
     assert seen["refused"] > 60 and seen["read"] > 0, seen
+
+
+@st.composite
+def damaged_indexes(draw, index: dict[str, Any]) -> str:
+    """One of many kinds of damage to the text of ``model.safetensors.index.json``."""
+    text = json.dumps(index)
+    kind = draw(st.sampled_from(["truncate", "overwrite", "value", "key", "drop", "top"]))
+    if kind == "truncate":
+        return text[: draw(st.integers(0, len(text) - 1))]
+    if kind == "overwrite":
+        at = draw(st.integers(0, len(text) - 1))
+        return text[:at] + draw(st.characters(min_codepoint=32, max_codepoint=126)) + text[at + 1 :]
+    damaged = json.loads(text)
+    weight_map = damaged["weight_map"]
+    name = draw(st.sampled_from(sorted(weight_map)))
+    if kind == "value":  # another shard, a path leaving the directory, a file not there, any JSON
+        shard = weight_map[name]
+        weight_map[name] = draw(st.sampled_from(sorted(set(weight_map.values())) + [
+            "../" + shard, "/" + shard, "./" + shard, "sub/" + shard, shard.upper(), "", "C:" + shard, "..\\" + shard,
+        ]) | JSON_VALUES)
+    elif kind == "key":  # an entry renamed
+        weight_map[name + draw(st.sampled_from(["x", ".weight", ".umq_data"]))] = weight_map.pop(name)
+    elif kind == "drop":
+        del weight_map[name]
+    else:  # the index's own keys
+        damaged[draw(st.sampled_from(["weight_map", "metadata"]))] = draw(JSON_VALUES)
+    return json.dumps(damaged)
+
+
+def test_randomly_damaged_model_directories_are_refused_or_loaded_exactly(packed_bert: Path, tmp_path: Path) -> None:
+    """The packed BERT directory, its index or a shard's header damaged at random: the
+    CLI's check, load_hf and a plain from_pretrained each raise UMQError or give exactly
+    the undamaged values (every parameter and packed buffer). The two loaders agree to the
+    message; the check agrees with them except where only transformers minds (an index
+    whose "metadata" is not an object: rule transformers)."""
+    import transformers
+
+    from umqcli.inspect import check_checkpoint
+
+    index = json.loads((packed_bert / INDEX_NAME).read_text())
+    shard = _shard_of(packed_bert, LAYER + ".umq_data")
+    expected = {name: value.clone() for name, value in load_hf(packed_bert).state_dict().items()}
+    seen: dict[str, int] = {"refused": 0, "read": 0}
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data) -> None:
+        target = Path(tempfile.mkdtemp(dir=tmp_path)) / "packed"
+        shutil.copytree(packed_bert, target)
+        if data.draw(st.booleans()):
+            (target / INDEX_NAME).write_text(data.draw(damaged_indexes(index)))
+        else:
+            (target / shard.name).write_bytes(data.draw(damaged_files(shard.read_bytes())))
+        results = _run_readers(target, {
+            "check": lambda: check_checkpoint(target),
+            "load_hf": lambda: load_hf(target),
+            "from_pretrained": lambda: transformers.BertModel.from_pretrained(target),
+        })
+        loaders = [results["load_hf"], results["from_pretrained"]]
+        if isinstance(loaders[0], UMQError) or isinstance(loaders[1], UMQError):
+            seen["refused"] += 1
+            assert [str(r) for r in loaders] == [str(loaders[0])] * 2, [str(r) for r in loaders]
+            assert isinstance(results["check"], UMQError) or loaders[0].rule == "transformers", str(loaders[0])
+        else:
+            seen["read"] += 1
+            assert not isinstance(results["check"], UMQError), str(results["check"])
+            for model in loaders:
+                state = model.state_dict()
+                assert state.keys() == expected.keys()
+                for name, value in expected.items():
+                    assert torch.equal(state[name], value), name
+        shutil.rmtree(target.parent)
+
+    check()
+    assert seen["refused"] > 25 and seen["read"] > 0, seen
