@@ -128,7 +128,7 @@ def transformers_error(exc: BaseException, file: str | os.PathLike) -> UMQError:
                     rule="transformers", file=file)
 
 
-def says_umq(directory: str | os.PathLike) -> bool:
+def _config_says_umq(directory: str | os.PathLike) -> bool:
     """Whether ``directory/config.json`` declares ``quant_method: "umq"``."""
     try:
         config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
@@ -149,7 +149,7 @@ def check_index_first(resolve_shards):
 
     @functools.wraps(resolve_shards)
     def resolve_checked(pretrained_model_name_or_path, index_filename, *args, **kwargs):
-        if not says_umq(Path(index_filename).parent):
+        if not _config_says_umq(Path(index_filename).parent):
             return resolve_shards(pretrained_model_name_or_path, index_filename, *args, **kwargs)
         read_index(index_filename)
         try:
