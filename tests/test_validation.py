@@ -234,6 +234,33 @@ def test_what_transformers_raises_on_a_packed_index_is_one_umq_line(packed_bert:
         assert "KeyError: 'metadata'" in info.value.message and isinstance(info.value.__cause__, KeyError)
 
 
+def test_hub_cache_index_is_checked_before_transformers_resolves_its_shards(packed_bert: Path, tmp_path: Path) -> None:
+    """A repo id resolved from the Hugging Face cache (a snapshot directory, shards fetched
+    by transformers): the index rules still come first, and a shard transformers cannot
+    fetch is umq's one line (rule transformers), not transformers' OSError."""
+    import transformers
+
+    repo = tmp_path / "models--acme--bert-umq"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(packed_bert, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+    def load():
+        return transformers.AutoModel.from_pretrained("acme/bert-umq", cache_dir=tmp_path, local_files_only=True)
+
+    assert len(dict(umq_linears(load()))) == 2 * 6 + 1
+    mutate_index(snapshot, lambda i: i["weight_map"].__setitem__(LAYER + ".umq_data", "../x.safetensors"))
+    with pytest.raises(UMQError) as info:
+        load()
+    assert info.value.rule == "index-path" and info.value.file == str(snapshot / INDEX_NAME)
+    mutate_index(snapshot, lambda i: i["weight_map"].__setitem__(LAYER + ".umq_data", "model-00009-of-00009.safetensors"))
+    with pytest.raises(UMQError) as info:
+        load()
+    assert info.value.rule == "transformers" and info.value.file == str(snapshot / INDEX_NAME)
+    assert isinstance(info.value.__cause__, OSError) and "model-00009-of-00009" in info.value.message
+
+
 def test_index_check_is_installed_once_and_leaves_other_models_alone(packed_bert: Path, tmp_path: Path) -> None:
     """The wrapper around transformers' shard resolution is installed once, and for a
     directory whose config does not say umq, transformers' own behaviour is unchanged."""
