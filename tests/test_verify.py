@@ -223,21 +223,33 @@ def test_bad_inputs_are_exit_2(small, tmp_path):
     assert umq("verify", tmp_path / "missing.safetensors").exit_code == 2
 
 
-@pytest.mark.parametrize("text", ["missing", "not-utf8", "directory"])
-def test_unreadable_perplexity_text_is_exit_2_before_any_check(small, tmp_path, monkeypatch, text):
-    """--perplexity TEXT is read before the (long) checks run: a missing, non-UTF-8 or
-    unreadable text is one line naming it, exit 2, and verify never starts."""
+@pytest.mark.parametrize("case", ["text-missing", "text-not-utf8", "text-directory", "packed-not-a-model-directory"])
+def test_bad_perplexity_input_is_exit_2_before_any_check(small, tmp_path, monkeypatch, case):
+    """--perplexity's inputs are checked before the (long) checks run: a missing,
+    non-UTF-8 or unreadable text, or a packed checkpoint that is no model directory, is
+    one line naming it, exit 2, and verify never starts."""
+    import gensim
+
     import umqcli.cli.verify as verify_cli
 
     source, packed = small
-    # not UTF-8: the reference's own float32 bytes, passed as the text by mistake
-    path = {"missing": tmp_path / "missing.txt", "directory": tmp_path, "not-utf8": source}[text]
+    model_dir = tmp_path / "model.umq"  # passes the directory check; never loaded here
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    prose = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+    packed_arg, text, named, rule = {
+        "text-missing": (model_dir, tmp_path / "missing.txt", tmp_path / "missing.txt", "perplexity-text"),
+        # not UTF-8: the reference's own float32 bytes, passed as the text by mistake
+        "text-not-utf8": (model_dir, source, source, "perplexity-text"),
+        "text-directory": (model_dir, tmp_path, tmp_path, "perplexity-text"),
+        "packed-not-a-model-directory": (packed, prose, packed, "perplexity-model"),
+    }[case]
     started = []
     monkeypatch.setattr(verify_cli, "verify", lambda *args, **kwargs: started.append(args))
-    result = umq("verify", packed, "--reference", source, "--perplexity", path)
+    result = umq("verify", packed_arg, "--reference", model_dir, "--perplexity", text)
     assert result.exit_code == 2 and not started, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and str(path) in lines[0] and "[rule: perplexity-text]" in lines[0], result.stderr
+    assert len(lines) == 1 and str(named) in lines[0] and f"[rule: {rule}]" in lines[0], result.stderr
 
 
 # --------------------------------------------------------------------------- inputs, backends

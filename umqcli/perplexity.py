@@ -152,6 +152,13 @@ def _model_dir(path: str | Path, role: str) -> Path:
     return path
 
 
+def perplexity_inputs(packed_dir: str | Path, reference_dir: str | Path, text_file: str | Path) -> tuple[Path, Path, str]:
+    """The packed and reference model directories and the text of :func:`packed_perplexity`,
+    checked (:class:`UMQError` naming the one at fault): a caller can refuse them before
+    a long run, not after it."""
+    return _model_dir(packed_dir, "packed model"), _model_dir(reference_dir, "reference"), read_text(text_file)
+
+
 def packed_perplexity(
     packed_dir: str | Path,
     reference_dir: str | Path,
@@ -166,8 +173,7 @@ def packed_perplexity(
     from .integrations.transformers import load_dense_model, load_hf
     from .nn import configure
 
-    packed_dir, reference_dir = _model_dir(packed_dir, "packed model"), _model_dir(reference_dir, "reference")
-    text = read_text(text_file)
+    packed_dir, reference_dir, text = perplexity_inputs(packed_dir, reference_dir, text_file)
     model, tokenizer = load_dense_model(reference_dir)
     windows = token_windows(tokenizer, text, window=window, max_tokens=max_tokens, source=str(text_file))
     reference = perplexity(model, windows)

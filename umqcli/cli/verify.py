@@ -16,7 +16,7 @@ from ..errors import UMQError
 from ..verify import (
     DEFAULT_MAX_REL_ERROR, DEFAULT_ROWS, DEFAULT_SEED, VerifyReport, junit_error_xml, junit_xml, verify,
 )
-from ..perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, PerplexityIncrease, packed_perplexity, read_text
+from ..perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, PerplexityIncrease, packed_perplexity, perplexity_inputs
 from ._common import EXIT_OK, EXIT_THRESHOLD, app, console, error_boundary, fail, print_json, progress_bar
 
 
@@ -60,7 +60,7 @@ def verify_command(
     if max_ppl_increase is not None and perplexity is None:
         raise fail("--max-ppl-increase needs --perplexity TEXT")
     if perplexity is not None:
-        read_text(perplexity)  # a missing or non-UTF-8 text fails now, not after every check has run
+        perplexity_inputs(packed, reference, perplexity)  # bad input fails now, not after every check has run
     options = dict(
         reference=reference, activations=activations, backend=backend.value, rows=rows,
         max_rel_error=max_rel_error, tensors=tensor or (), seed=seed,
