@@ -46,6 +46,8 @@ from umqcli.nn import UMQLinear
 from _timing import time_ms
 
 DEFAULT_SHAPES = "1x4096x4096,1x4096x11008,16x4096x4096,512x2048x2048"
+SMALL_SHAPES = "576x192,576x576,576x1536,1536x576"
+"""SmolLM2-135M's linear layers (C x R): k/v, q/o, gate/up, down projections."""
 
 
 def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +113,51 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
                     f"{t_fp32 / t_umq:6.2f}x {t_bf16 / t_umq:6.2f}x {t_wo / t_umq:5.2f}x | "
                     f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(r * c + 2 * r)} {mib(layer.weight.nbytes)}  {path}"
                 )
+
+
+def small_layer_table(shapes: str, threads: list[int], repeat: int) -> None:
+    """Per-call time of SmolLM2-sized layers at M = 1, microseconds (median: these calls
+    are short enough that the best run hides the Python cost). ``kernel`` is the C call
+    alone (no Python work but the ctypes call); ``call - kernel`` is what UMQLinear adds."""
+    torch.manual_seed(0)
+    print(f"\nSmall layers, M = 1, k=1 int8, with bias, median of {repeat * 50} calls, microseconds")
+    header = (
+        f"{'C x R':>10} {'thr':>3} | {'fp32':>7} {'bf16':>7} {'int8 WO':>7} | {'UMQ f32x':>8} {'UMQ bf16x':>9} "
+        f"{'kernel':>7} {'call-kernel':>11} | {'vs WO (bf16x)':>13} {'vs fp32':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for shape in shapes.split(","):
+        c, r = (int(v) for v in shape.lower().split("x"))
+        weight = torch.randn(r, c) * 0.02
+        bias = torch.randn(r)
+        x = torch.randn(1, c)
+        x_bf16, w_bf16, bias_bf16 = x.to(torch.bfloat16), weight.to(torch.bfloat16), bias.to(torch.bfloat16)
+        q, q_scale = int8_weight_only(weight)
+        layer = UMQLinear.from_packed(quantize(weight, QuantParams(k=1, lo="int8")), bias)
+        layer_bf16 = UMQLinear.from_packed(layer.packed, bias_bf16)
+        out = torch.empty(1, r)
+        for n in threads:
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                layer(x)
+                launch = layer._launch
+                n_calls = repeat * 50
+                t = {
+                    "fp32": time_ms(lambda: F.linear(x, weight, bias), n_calls, stat="median"),
+                    "bf16": time_ms(lambda: F.linear(x_bf16, w_bf16, bias_bf16), n_calls, stat="median"),
+                    "wo": time_ms(lambda: torch._weight_int8pack_mm(x_bf16, q, q_scale).add_(bias_bf16), n_calls,
+                                  stat="median"),
+                    "umq": time_ms(lambda: layer(x), n_calls, stat="median"),
+                    "umq_bf16": time_ms(lambda: layer_bf16(x_bf16), n_calls, stat="median"),
+                    "kernel": time_ms(lambda: launch.run_raw(x, out, n), n_calls, stat="median"),
+                }
+            us = {key: 1000 * v for key, v in t.items()}
+            print(
+                f"{shape:>10} {n:>3} | {us['fp32']:7.1f} {us['bf16']:7.1f} {us['wo']:7.1f} | {us['umq']:8.1f} "
+                f"{us['umq_bf16']:9.1f} {us['kernel']:7.1f} {us['umq'] - us['kernel']:11.1f} | "
+                f"{us['wo'] / us['umq_bf16']:12.2f}x {us['fp32'] / us['umq']:6.2f}x"
+            )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -183,6 +230,7 @@ def end_to_end(threads: int, new_tokens: int, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated MxCxR (tokens x in x out)")
+    parser.add_argument("--small-shapes", default=SMALL_SHAPES, help="comma-separated CxR at M = 1")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--e2e", action="store_true", help="generation with SmolLM2 instead of the layer table")
@@ -193,6 +241,7 @@ def main() -> None:
         end_to_end(max(args.threads), args.new_tokens, args.e2e_repeat)
     else:
         layer_table(args.shapes, args.threads, args.repeat)
+        small_layer_table(args.small_shapes, args.threads, args.repeat)
 
 
 if __name__ == "__main__":

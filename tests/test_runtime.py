@@ -213,3 +213,81 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "RuntimeWarning", "True"]
     assert not any(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("lo", LOS)
+@pytest.mark.parametrize("k", [0, 1, 3, 8])
+def test_layer_launch_reads_every_activation_dtype_and_fuses_the_bias(isa, lo, k):
+    """runtime.LinearLaunch: 16-bit activations read in place, bias added and the output
+    rounded in the kernel. Its float32 sum is the GEMV's (same kernel, same order), so the
+    result is bit-exact with matmul(x as float32) + bias, rounded once to x's dtype."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    packed = packed_weight(37, 200, seed=k + 11, lo=lo, hi="bfloat16" if k % 2 else "float16", k=k,
+                           block=40 if k == 3 else 0)
+    gen = torch.Generator().manual_seed(k)
+    for bias_dtype in (None, torch.float32, torch.float16, torch.bfloat16):
+        bias = None if bias_dtype is None else (torch.randn(37, generator=gen) * 3).to(bias_dtype)
+        launch = runtime.LinearLaunch(packed, bias, isa=isa)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            # M = 1, 3, 16 (the largest GEMV), then 17: the tiled path, same contract
+            for shape in ((1, 200), (3, 200), (2, 8, 200), (17, 200)):
+                x = torch.randn(shape, generator=gen).to(dtype)
+                y = launch(x)
+                assert runtime.last_path() == f"{isa}-{'gemv' if x.numel() <= 16 * 200 else 'tiled'}"
+                expected = runtime.matmul(x.reshape(-1, 200).float(), packed, isa=isa)
+                if bias is not None:
+                    expected = expected + bias.float()
+                expected = expected.to(dtype).reshape(*shape[:-1], 37)
+                assert y.dtype == dtype and torch.equal(y, expected), (bias_dtype, dtype, shape)
+
+
+def test_launch_state_is_rebuilt_when_the_weight_or_bias_changes():
+    """A UMQLinear keeps one launch state; replacing or modifying a buffer or the bias,
+    loading a state dict or moving the layer never lets the old state run."""
+    first, second = packed_weight(24, 64, seed=1, k=1), packed_weight(24, 64, seed=2, k=1)
+    own = PackedTensor(data=first.data.clone(), mask=first.mask.clone(), scale=first.scale.clone(), spec=first.spec)
+    layer = UMQLinear.from_packed(own, torch.zeros(24))
+    x = torch.randn(2, 64)
+    y_first = layer(x)
+    launch = layer._launch
+    assert launch is not None and layer(x) is not None and layer._launch is launch  # reused while current
+    expected_second = runtime.matmul(x, second)
+
+    layer.weight.umq_data.copy_(second.data)  # in place: same pointer, new bytes and version
+    layer.weight.umq_mask.copy_(second.mask)
+    layer.weight.umq_scale.copy_(second.scale)
+    assert torch.equal(layer(x), expected_second) and layer._launch is not launch
+
+    layer.load_state_dict({"weight.umq_data": first.data, "weight.umq_mask": first.mask,
+                           "weight.umq_scale": first.scale, "bias": torch.ones(24)})
+    assert torch.equal(layer(x), y_first + 1)
+
+    other_k = packed_weight(24, 64, seed=3, k=3)
+    layer.weight.load_packed(other_k)  # new tensors and spec
+    assert torch.equal(layer(x), runtime.matmul(x, other_k) + 1)
+
+    launch = layer._launch
+    layer.to(torch.bfloat16)  # the bias becomes bfloat16: a new state reads it
+    y = layer(x.bfloat16())
+    assert layer._launch is not launch and layer._launch.bias.dtype == torch.bfloat16
+    assert torch.equal(y, (runtime.matmul(x.bfloat16().float(), other_k) + 1).bfloat16())
+
+    layer.weight.umq_data = torch.zeros(24, 5, dtype=torch.uint8)  # a wrong buffer is checked, not read
+    with pytest.raises(UMQError) as info:
+        layer(x)
+    assert info.value.rule == "stored-shape"
+
+
+def test_layer_backend_setting_is_followed_after_the_first_call():
+    packed = packed_weight(16, 64, k=1)
+    layer = UMQLinear.from_packed(packed)
+    x = torch.randn(1, 64)
+    layer(x)
+    assert layer._launch is not None and runtime.last_path().endswith("-gemv")
+    layer.backend = "torch"
+    layer(x)
+    assert layer._launch is None and runtime.last_path() is not None
+    reference = UMQLinear.from_packed(packed, backend="torch")
+    assert torch.equal(layer(x), reference(x))

@@ -176,6 +176,8 @@ class UMQLinear(nn.Module):
         self.cache_decoded = cache_decoded
         self._decoded: dict[torch.device, torch.Tensor] = {}
         self._backends: dict[str, Any] = {}
+        self._launch: Any = None  # runtime.LinearLaunch of the fused CPU path, built on first use
+        self._launch_backend = backend  # the backend setting it was built under
 
     # ---- construction
 
@@ -236,6 +238,7 @@ class UMQLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The packed weight is checked before anything of this layer (its bias too) changes.
         self.weight.check_state(state_dict, prefix + "weight.", strict=strict)
+        self._launch = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ---- views
@@ -274,12 +277,37 @@ class UMQLinear(nn.Module):
             backend = self._backends[name] = get_backend(name)
         return backend
 
+    def _cpu_launch(self):
+        """The fused CPU runtime's launch state for the current buffers and bias, or None
+        when this layer does not use that runtime. Rebuilt (and so re-checked) whenever a
+        buffer, the bias or the spec was replaced or modified in place."""
+        # Read through the module dicts: nn.Module.__getattr__ costs about a microsecond a name.
+        weight, launch = self._modules["weight"], self._launch
+        if launch is not None and self._launch_backend == self.backend:
+            buffers = weight._buffers
+            if launch.current(buffers["umq_data"], buffers["umq_mask"], buffers["umq_scale"],
+                              self._parameters["bias"], weight.spec):
+                return launch
+        self._launch = None
+        backend = self._backend_for(weight.device)
+        if backend.name != "cpu" or weight.device.type != "cpu":
+            return None
+        from .runtime import LinearLaunch
+
+        self._launch = LinearLaunch(self.packed, self.bias, isa=backend.isa)
+        self._launch_backend = self.backend
+        return self._launch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise UMQError(
                 f"input has shape {tuple(x.shape)}, its last dimension must be in_features={self.in_features}",
                 rule="matmul-shape",
             )
+        if not self.cache_decoded and x.device.type == "cpu" and x.is_floating_point():
+            launch = self._cpu_launch()
+            if launch is not None:
+                return launch(x)
         leading = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if self.cache_decoded:
@@ -296,6 +324,7 @@ class UMQLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self.clear_cache()  # a device or dtype move invalidates the dense copies
+        self._launch = None  # and the fused runtime's pointers
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -321,6 +350,7 @@ def configure(model: nn.Module, *, backend: str | None = None, cache_decoded: bo
         if backend is not None:
             module.backend = backend
             module._backends.clear()
+            module._launch = None
         if cache_decoded is not None:
             module.cache_decoded = cache_decoded
             module.clear_cache()

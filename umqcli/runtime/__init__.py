@@ -133,6 +133,8 @@ def _load() -> ctypes.CDLL | None:
         lib.umq_cpu_features.restype = i32
         lib.umq_gemv.restype = i32
         lib.umq_gemv.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32, ptr, i64, i32]
+        lib.umq_linear.restype = i32
+        lib.umq_linear.argtypes = [i32, ptr, ptr, i32, i64, ptr, i32, i32]
         lib.umq_decode.restype = i64
         lib.umq_decode.argtypes = [i32, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32, i64, i64, i32, ptr, i64, i32]
         _LIB = lib
@@ -221,6 +223,99 @@ def matmul(x: torch.Tensor, packed: PackedTensor, *, isa: str | None = None) -> 
     return out.reshape(*x.shape[:-1], spec.rows)
 
 
+class _Layer(ctypes.Structure):
+    """``UmqLayer`` of umq_cpu.cpp: one packed layer's pointers and sizes."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+        ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+        ("k", ctypes.c_int32), ("block", ctypes.c_int32), ("lo", ctypes.c_int32), ("hi", ctypes.c_int32),
+        ("bias", ctypes.c_void_p), ("bias_kind", ctypes.c_int32),
+    ]
+
+
+class LinearLaunch:
+    """Everything one packed linear layer's calls need, checked once: ``y = x · Ŵᵀ + b``.
+
+    Built from the layer's stored tensors and bias (CPU, FORMAT v1 layout and dtypes
+    checked by :func:`check_stored_layout`, bias float32/float16/bfloat16 ``[R]``;
+    otherwise :class:`UMQError`). It holds those tensors and their version counters;
+    :meth:`current` says whether it still describes the given ones (same objects, not
+    modified in place since), and callers build a new launch when it does not, so a
+    stale pointer is never used. A call ``launch(x)`` (``x`` float32/float16/bfloat16
+    ``[..., C]``) returns ``[..., R]`` in ``x.dtype``: for ``M <= GEMV_MAX_ROWS`` one C call
+    reads the activations in their dtype, accumulates in float32, adds the bias and
+    rounds once to the output dtype; larger M go through :func:`matmul`'s tiled path.
+    """
+
+    __slots__ = ("packed", "bias", "isa", "_versions", "_layer", "_layer_address", "_isa_code", "_call", "_path")
+
+    def __init__(self, packed: PackedTensor, bias: torch.Tensor | None, *, isa: str | None = None) -> None:
+        self.isa = select_isa(isa)
+        spec = packed.spec
+        if packed.data.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
+            raise UMQError("the CPU runtime needs CPU tensors", rule="runtime")
+        check_stored_layout(packed)
+        if not all(t.is_contiguous() for t in (packed.data, packed.mask, packed.scale)):
+            raise UMQError("the CPU runtime needs contiguous stored tensors", rule="runtime")
+        if bias is not None and (bias.dtype not in _OUT_CODES or tuple(bias.shape) != (spec.rows,)
+                                 or not bias.is_contiguous()):
+            raise UMQError(
+                f"bias is {bias.dtype} {tuple(bias.shape)}, the CPU runtime needs a contiguous float32, "
+                f"float16 or bfloat16 ({spec.rows},)",
+                rule="runtime",
+            )
+        self.packed, self.bias = packed, bias
+        self._versions = self._versions_of(packed.data, packed.mask, packed.scale, bias)
+        self._layer = _Layer(
+            packed.data.data_ptr(), packed.mask.data_ptr(), packed.scale.data_ptr(), spec.rows, spec.columns,
+            spec.k, spec.block, _LO_CODES[spec.lo.value], _HI_CODES[spec.hi.value],
+            None if bias is None else bias.data_ptr(), _OUT_CODES[bias.dtype] if bias is not None else 0,
+        )
+        self._layer_address = ctypes.addressof(self._layer)
+        self._isa_code = _ISA_CODES[self.isa]
+        self._path = f"{self.isa}-gemv"
+        self._call = _load().umq_linear
+
+    @staticmethod
+    def _versions_of(data, mask, scale, bias) -> tuple:
+        return data._version, mask._version, scale._version, None if bias is None else bias._version
+
+    def current(self, data, mask, scale, bias, spec) -> bool:
+        """True when these are the tensors (and spec) this launch was built from, unchanged."""
+        p = self.packed
+        return (
+            data is p.data and mask is p.mask and scale is p.scale and bias is self.bias and spec is p.spec
+            and self._versions == (data._version, mask._version, scale._version,
+                                   None if bias is None else bias._version)
+        )
+
+    def run_raw(self, x: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        """The C call alone on float32 ``x`` / ``out`` ``[M, C]`` / ``[M, R]``, contiguous,
+        M <= GEMV_MAX_ROWS, shapes not checked (benchmarks time the kernel with it)."""
+        self._call(self._isa_code, self._layer_address, x.data_ptr(), 0, x.shape[0], out.data_ptr(), 0, threads)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        global _last_path
+        spec = self.packed.spec
+        kind = _OUT_CODES.get(x.dtype)
+        m = x.numel() // spec.columns if spec.columns else 0
+        if kind is None or m > GEMV_MAX_ROWS or x.device.type != "cpu" or spec.columns == 0:
+            rows = x.reshape(-1, spec.columns)
+            out = matmul(rows, self.packed, isa=self.isa)
+            if self.bias is not None:
+                out = out.add_(self.bias.to(torch.float32))
+            return out.to(x.dtype).reshape(*x.shape[:-1], spec.rows)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty((*x.shape[:-1], spec.rows), dtype=x.dtype)
+        status = self._call(self._isa_code, self._layer_address, x.data_ptr(), kind, m, out.data_ptr(), kind,
+                            torch.get_num_threads())
+        assert status == 0, "umq_linear refused a checked problem"
+        _last_path = self._path
+        return out
+
+
 def _check_decode(bad: int, spec) -> None:
     assert bad >= 0, "umq_decode refused a checked problem"
     if bad:
@@ -251,6 +346,7 @@ def decode(packed: PackedTensor, dtype: torch.dtype | None = None, *, isa: str |
 __all__ = [
     "GEMV_MAX_ROWS",
     "ISAS",
+    "LinearLaunch",
     "available",
     "cache_dir",
     "decode",

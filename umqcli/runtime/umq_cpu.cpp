@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <omp.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -145,6 +146,35 @@ struct Packed {
   int64_t blocks() const { return cols / block; }
 };
 
+// Where y[m, r] goes: float32 accumulator + bias[r] (float32/float16/bfloat16, or none),
+// rounded once to the output dtype (float32, or float16/bfloat16 to nearest even, as torch's
+// `.to()` of the float32 sum).
+struct Epilogue {
+  void* y;                  // [M, R] with row stride ldy elements of y_kind
+  int y_kind;
+  int64_t ldy;
+  const void* bias;         // [R] or nullptr
+  int bias_kind;
+  inline float bias_at(int64_t r) const {
+    if (bias == nullptr) return 0.0f;
+    if (bias_kind == OUT_F32) return static_cast<const float*>(bias)[r];
+    const uint16_t b = static_cast<const uint16_t*>(bias)[r];
+    return bias_kind == OUT_F16 ? half_to_float(b) : bits_to_float(uint32_t(b) << 16);
+  }
+  inline void store(int64_t m, int64_t r, float acc) const {
+    const float v = acc + bias_at(r);
+    const int64_t i = m * ldy + r;
+    if (y_kind == OUT_F32) static_cast<float*>(y)[i] = v;
+    else static_cast<uint16_t*>(y)[i] = y_kind == OUT_F16 ? float_to_half(v) : float_to_bf16(v);
+  }
+  // The epilogue of activation rows [m0, ...).
+  Epilogue rows_from(int64_t m0) const {
+    Epilogue e = *this;
+    e.y = static_cast<char*>(y) + m0 * ldy * (y_kind == OUT_F32 ? 4 : 2);
+    return e;
+  }
+};
+
 // ------------------------------------------------------------------ scalar path
 
 // The 8 weights of one group into w[8]; positions a too-full mask would place beyond the
@@ -169,7 +199,7 @@ void decode_row_scalar(const Packed& p, int64_t r, float* out) {
 }
 
 // y[m, r] for rows [r0, r1), m < M: decode one row into `buf` [C], then dot products.
-void gemv_rows_scalar(const Packed& p, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy,
+void gemv_rows_scalar(const Packed& p, const float* x, int64_t M, int64_t ldx, const Epilogue& ep,
                       int64_t r0, int64_t r1, float* buf) {
   for (int64_t r = r0; r < r1; ++r) {
     decode_row_scalar(p, r, buf);
@@ -177,7 +207,7 @@ void gemv_rows_scalar(const Packed& p, const float* x, int64_t M, int64_t ldx, f
       const float* xm = x + m * ldx;
       float acc = 0.0f;
       for (int64_t c = 0; c < p.cols; ++c) acc += buf[c] * xm[c];
-      y[m * ldy + r] = acc;
+      ep.store(m, r, acc);
     }
   }
 }
@@ -249,7 +279,7 @@ inline RowCursor cursor(const Packed& p, int64_t r) {
 // y[m, r] = sum_c x[m, c] * W[r, c] for MB activation rows and weight rows [r0, r1),
 // weights decoded in registers.
 template <int LO, int HI, bool HAS_HI, int MB>
-void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, const Epilogue& ep, int64_t r0, int64_t r1) {
   const int64_t groups_per_block = p.block / 8;
   for (int64_t r = r0; r < r1; ++r) {
     RowCursor rc = cursor(p, r);
@@ -306,7 +336,7 @@ void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, float* y, int6
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      y[m * ldy + r] = _mm_cvtss_f32(h);
+      ep.store(m, r, _mm_cvtss_f32(h));
     }
   }
 }
@@ -330,7 +360,7 @@ void decode_row_avx2(const Packed& p, int64_t r, float* out) {
   }
 }
 
-using GemvFn = void (*)(const Packed&, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+using GemvFn = void (*)(const Packed&, const float*, int64_t, const Epilogue&, int64_t, int64_t);
 using DecodeFn = void (*)(const Packed&, int64_t, float*);
 
 template <int LO, int HI, bool HAS_HI>
@@ -388,12 +418,32 @@ void narrow_avx2(const float* in, uint16_t* out, int64_t n, int kind) {
   for (; i < n; ++i) out[i] = kind == OUT_F16 ? float_to_half(in[i]) : float_to_bf16(in[i]);
 }
 
+// float16 [n] -> float32 from the start; *done: how many were converted.
+void widen_f16_avx2(const uint16_t* in, float* out, int64_t n, int64_t* done) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  *done = i;
+}
+
 #pragma GCC pop_options
 #endif  // UMQ_X86
 
 bool valid_problem(const Packed& p) {
   return p.rows >= 0 && p.cols >= 0 && p.cols % 8 == 0 && p.k >= 0 && p.k <= 8 && p.block > 0 &&
          p.block % 8 == 0 && p.cols % p.block == 0 && p.lo >= 0 && p.lo <= 2 && (p.hi == 0 || p.hi == 1);
+}
+
+int umq_cpu_features_impl() {
+  static const int f = [] {
+    int v = 0;
+#ifdef UMQ_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) v |= 1;
+#endif
+    return v;
+  }();
+  return f;
 }
 
 int threads_for(int64_t work, int wanted) {
@@ -405,19 +455,58 @@ int threads_for(int64_t work, int wanted) {
   return wanted;
 }
 
+int gemv(int isa, const Packed& p, const float* x, int64_t M, int64_t ldx, const Epilogue& ep, int nthreads) {
+  const int64_t R = p.rows, C = p.cols;
+  const int nt = threads_for(R * C * (M < 4 ? 1 : M / 4), nthreads);
+  if (isa == ISA_SCALAR) {
+#pragma omp parallel num_threads(nt)
+    {
+      float* buf = new float[size_t(C > 0 ? C : 1)];
+      const int t = omp_get_thread_num(), n = omp_get_num_threads();
+      const int64_t r0 = R * t / n, r1 = R * (t + 1) / n;
+      gemv_rows_scalar(p, x, M, ldx, ep, r0, r1, buf);
+      delete[] buf;
+    }
+    return 0;
+  }
+#ifdef UMQ_X86
+  if (isa == ISA_AVX2 && (umq_cpu_features_impl() & 1)) {
+    // Activation rows in chunks of up to 4: each chunk decodes every weight once. (Column
+    // chunks that keep x in L1 measured slower: the activations stream well from L2.)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mb = int(M - m0 < 4 ? M - m0 : 4);
+      const GemvFn fn = gemv_avx2(p, mb);
+      const Epilogue chunk = ep.rows_from(m0);
+      const int64_t rows_per_unit = 8;
+      if (nt == 1) {  // no parallel region: its fork costs more than a small layer
+        fn(p, x + m0 * ldx, ldx, chunk, 0, R);
+        continue;
+      }
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t r = 0; r < R; r += rows_per_unit)
+        fn(p, x + m0 * ldx, ldx, chunk, r, r + rows_per_unit < R ? r + rows_per_unit : R);
+    }
+    return 0;
+  }
+#endif
+  return -1;
+}
+
+// 16-bit activations [n] -> float32 (exact).
+void widen(const uint16_t* in, float* out, int64_t n, int kind, int isa) {
+  int64_t i = 0;
+#ifdef UMQ_X86
+  if (kind == OUT_F16 && isa == ISA_AVX2 && (umq_cpu_features_impl() & 1)) widen_f16_avx2(in, out, n, &i);
+#endif
+  for (; i < n; ++i) out[i] = kind == OUT_F16 ? half_to_float(in[i]) : bits_to_float(uint32_t(in[i]) << 16);
+}
+
 }  // namespace
 
 extern "C" {
 
 // Bit 0: the CPU runs the AVX2 path (AVX2, FMA, F16C).
-int umq_cpu_features() {
-  int f = 0;
-#ifdef UMQ_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) f |= 1;
-#endif
-  return f;
-}
+int umq_cpu_features() { return umq_cpu_features_impl(); }
 
 // y [M, R] (row stride ldy) = x [M, C] (row stride ldx) · Ŵᵀ, float32. Returns 0, or -1
 // for an invalid problem / an ISA this build or CPU lacks.
@@ -426,34 +515,36 @@ int umq_gemv(int isa, const float* x, int64_t M, int64_t ldx, const uint8_t* dat
              int nthreads) {
   const Packed p{data, mask, scale, R, C, k, block, lo, hi};
   if (!valid_problem(p)) return -1;
-  const int nt = threads_for(R * C * (M < 4 ? 1 : M / 4), nthreads);
-  if (isa == ISA_SCALAR) {
-#pragma omp parallel num_threads(nt)
-    {
-      float* buf = new float[size_t(C > 0 ? C : 1)];
-      const int t = omp_get_thread_num(), n = omp_get_num_threads();
-      const int64_t r0 = R * t / n, r1 = R * (t + 1) / n;
-      gemv_rows_scalar(p, x, M, ldx, y, ldy, r0, r1, buf);
-      delete[] buf;
-    }
-    return 0;
-  }
-#ifdef UMQ_X86
-  if (isa == ISA_AVX2 && (umq_cpu_features() & 1)) {
-    // Activation rows in chunks of up to 4: each chunk decodes every weight once. (Column
-    // chunks that keep x in L1 measured slower: the activations stream well from L2.)
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mb = int(M - m0 < 4 ? M - m0 : 4);
-      const GemvFn fn = gemv_avx2(p, mb);
-      const int64_t rows_per_unit = 8;
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t r = 0; r < R; r += rows_per_unit)
-        fn(p, x + m0 * ldx, ldx, y + m0 * ldy, ldy, r, r + rows_per_unit < R ? r + rows_per_unit : R);
-    }
-    return 0;
-  }
-#endif
-  return -1;
+  return gemv(isa, p, x, M, ldx, Epilogue{y, OUT_F32, ldy, nullptr, OUT_F32}, nthreads);
+}
+
+// One packed linear layer, described once by the caller (umqcli.runtime.LinearLaunch keeps
+// it for the layer's lifetime; the Python side checked every shape and dtype).
+struct UmqLayer {
+  const uint8_t* data;
+  const uint8_t* mask;
+  const float* scale;
+  int64_t rows, cols;
+  int32_t k, block, lo, hi;
+  const void* bias;   // [R] or nullptr
+  int32_t bias_kind;  // 0 float32, 1 float16, 2 bfloat16
+};
+
+// y [M, R] (contiguous, y_kind) = x [M, C] (contiguous, x_kind) · Ŵᵀ + bias, float32
+// accumulation; kinds 0 float32, 1 float16, 2 bfloat16. 16-bit activations are widened
+// exactly to float32 first. Returns 0, or -1 as umq_gemv.
+int umq_linear(int isa, const UmqLayer* L, const void* x, int x_kind, int64_t M, void* y, int y_kind,
+               int nthreads) {
+  const Packed p{L->data, L->mask, L->scale, L->rows, L->cols, L->k, L->block, L->lo, L->hi};
+  if (!valid_problem(p) || x_kind < 0 || x_kind > 2 || y_kind < 0 || y_kind > 2 || L->bias_kind < 0 ||
+      L->bias_kind > 2)
+    return -1;
+  const Epilogue ep{y, y_kind, p.rows, L->bias, L->bias_kind};
+  if (x_kind == OUT_F32) return gemv(isa, p, static_cast<const float*>(x), M, p.cols, ep, nthreads);
+  static thread_local std::vector<float> wide;
+  wide.resize(size_t(M * p.cols));
+  widen(static_cast<const uint16_t*>(x), wide.data(), M * p.cols, x_kind, isa);
+  return gemv(isa, p, wide.data(), M, p.cols, ep, nthreads);
 }
 
 // Decode rows [r0, r1) into out (row stride ldo elements): out_kind 0 float32, 1 float16,
@@ -465,7 +556,7 @@ int64_t umq_decode(int isa, const uint8_t* data, const uint8_t* mask, const floa
   const Packed p{data, mask, scale, R, C, k, block, lo, hi};
   if (!valid_problem(p) || r0 < 0 || r1 > R || r0 > r1 || out_kind < 0 || out_kind > 2) return -1;
 #ifdef UMQ_X86
-  const bool simd = isa == ISA_AVX2 && (umq_cpu_features() & 1);
+  const bool simd = isa == ISA_AVX2 && (umq_cpu_features_impl() & 1);
   if (isa == ISA_AVX2 && !simd) return -1;
   const DecodeFn fn = simd ? decode_avx2(p) : nullptr;
 #else
