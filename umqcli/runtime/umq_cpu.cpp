@@ -94,9 +94,12 @@ struct Tables {
   float lo[3][256];             // lo byte -> decode(q)
   alignas(16) uint8_t lo8[256][16];   // int8 lo: code into byte i, 0 elsewhere
   alignas(16) uint8_t lo16[256][16];  // fp8 lo: code into the high byte of word i, 0 elsewhere
-  alignas(32) uint8_t hi32[256][32];  // bf16 hi: pattern into the top half of dword i
   alignas(16) uint8_t hi16[256][16];  // f16 hi: pattern into word i
   alignas(32) uint32_t hi_lanes[256][8];  // all-ones in the lanes of hi positions
+  // int8 lo (+ bfloat16 hi) from one 256-bit shuffle of the group broadcast to both
+  // lanes: lo code into the top byte of dword i (srai 24 -> the int8 value, 0 in hi lanes),
+  // a hi pattern into its low half (slli 16 -> the bfloat16 as float32, 0 in lo lanes).
+  alignas(32) uint8_t lo_hi32[256][32];
   uint8_t popcount[256];
 };
 
@@ -107,19 +110,20 @@ Tables make_tables() {
     int before = 0;
     std::memset(t.lo8[m], 0x80, 16);
     std::memset(t.lo16[m], 0x80, 16);
-    std::memset(t.hi32[m], 0x80, 32);
     std::memset(t.hi16[m], 0x80, 16);
+    std::memset(t.lo_hi32[m], 0x80, 32);
     for (int i = 0; i < 8; ++i) {
       uint8_t off = uint8_t(i + before);
       t.offset[m][i] = off;
       if ((m >> i) & 1) {
-        t.hi32[m][4 * i + 2] = off;
-        t.hi32[m][4 * i + 3] = uint8_t(off + 1);
         t.hi16[m][2 * i] = off;
         t.hi16[m][2 * i + 1] = uint8_t(off + 1);
         t.hi_lanes[m][i] = 0xFFFFFFFFu;
+        t.lo_hi32[m][4 * i] = off;
+        t.lo_hi32[m][4 * i + 1] = uint8_t(off + 1);
         ++before;
       } else {
+        t.lo_hi32[m][4 * i + 3] = off;
         t.lo8[m][i] = off;
         t.lo16[m][2 * i + 1] = off;
       }
@@ -224,13 +228,14 @@ void gemv_rows_scalar(const Packed& p, const float* x, int64_t M, int64_t ldx, c
 // lo lanes and lo = 0 in hi lanes (one fma, equal values, used by the matmul).
 template <int LO, int HI, bool HAS_HI, bool EXACT>
 inline __m256 group_avx2(const uint8_t* src, unsigned m, __m256 sv) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  __m256i both;
-  if (HAS_HI && HI == HI_BF16) both = _mm256_broadcastsi128_si256(raw);
+  // The group in both 128-bit lanes: vbroadcasti128 from memory costs no shuffle.
+  const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m128i raw = _mm256_castsi256_si128(both);
   __m256 lo;
+  __m256i placed;  // int8 lo: Tables::lo_hi32's shuffle (its low halves hold bfloat16 hi patterns)
   if (LO == LO_INT8) {
-    const __m128i q = _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(T.lo8[m])));
-    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    placed = _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.lo_hi32[m])));
+    lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(placed, 24));
   } else {
     __m128i h = _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(T.lo16[m])));
     if (LO == LO_E4M3) h = _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(int16_t(0xBF80)));
@@ -239,8 +244,9 @@ inline __m256 group_avx2(const uint8_t* src, unsigned m, __m256 sv) {
   if (!HAS_HI) return _mm256_mul_ps(lo, sv);
   __m256 hv;
   if (HI == HI_BF16) {
-    hv = _mm256_castsi256_ps(
-        _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.hi32[m]))));
+    if (LO != LO_INT8)
+      placed = _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.lo_hi32[m])));
+    hv = _mm256_castsi256_ps(_mm256_slli_epi32(placed, 16));  // lo codes shift out: +0 in lo lanes
   } else {
     hv = _mm256_cvtph_ps(_mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(T.hi16[m]))));
   }
