@@ -49,6 +49,9 @@ _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 GEMV_MAX_ROWS = 16
 """Largest M served by the in-register GEMV; above, the tiled decode + GEMM."""
+PARALLEL_MIN_WORK = int(os.environ.get("UMQ_PARALLEL_MIN_WORK", 1 << 21))
+"""Fewest weights (times M / 4) a call needs before it runs on more than one thread: below, a
+fork/join (and, on a busy machine, waiting for a second core) costs more than it saves."""
 TILE_BYTES = 1 << 20
 """float32 bytes of one decoded weight tile on the prefill path (about an L2 cache)."""
 
@@ -133,6 +136,9 @@ def _load() -> ctypes.CDLL | None:
         lib.umq_cpu_features.restype = i32
         lib.umq_gemv.restype = i32
         lib.umq_gemv.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32, ptr, i64, i32]
+        lib.umq_set_parallel_min_work.restype = None
+        lib.umq_set_parallel_min_work.argtypes = [i64]
+        lib.umq_set_parallel_min_work(PARALLEL_MIN_WORK)
         lib.umq_linear.restype = i32
         lib.umq_linear.argtypes = [i32, ptr, ptr, i32, i64, ptr, i32, i32]
         lib.umq_decode.restype = i64

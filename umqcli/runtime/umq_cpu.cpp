@@ -452,12 +452,15 @@ int umq_cpu_features_impl() {
   return f;
 }
 
+// Fewest weights (times activation rows / 4) that get more than one thread; set by the
+// Python side (runtime.PARALLEL_MIN_WORK) when it loads the library.
+int64_t parallel_min_work = int64_t(1) << 21;
+
 int threads_for(int64_t work, int wanted) {
-  // A parallel region needs every thread on a core at once: on a loaded machine a small
-  // layer waited tens of ms for its second thread (a 576 x 576 GEMV: 0.06 ms alone, 40 ms
-  // with 2 threads at load 19). Below ~2M weights (~0.3 ms on one core) one thread runs.
+  // A parallel region needs every thread on a core at once, and a fork/join costs a few
+  // microseconds even then: a small layer runs on one thread.
   if (wanted < 1) wanted = 1;
-  if (work < (int64_t(1) << 21)) return 1;
+  if (work < parallel_min_work) return 1;
   return wanted;
 }
 
@@ -513,6 +516,8 @@ extern "C" {
 
 // Bit 0: the CPU runs the AVX2 path (AVX2, FMA, F16C).
 int umq_cpu_features() { return umq_cpu_features_impl(); }
+
+void umq_set_parallel_min_work(int64_t work) { parallel_min_work = work; }
 
 // y [M, R] (row stride ldy) = x [M, C] (row stride ldx) · Ŵᵀ, float32. Returns 0, or -1
 // for an invalid problem / an ISA this build or CPU lacks.
