@@ -12,7 +12,14 @@ Layer table (default): for each ``M x C x R`` shape (tokens x in x out) and each
 
 plus resident weight bytes and the ratios ``speed(UMQ) / speed(baseline)`` (> 1: UMQ is
 faster). Times: best of ``--repeat`` calls after a warm-up (the least disturbed run on a
-shared machine), milliseconds.
+shared machine), milliseconds. A roofline: the machine's read bandwidth measured in the
+same run (a sum over 256 MiB, at each thread count) and, per row, the time int8 WO's and
+UMQ's weight bytes take at that speed ("floor"), and int8 WO's measured time over UMQ's
+floor ("ceil": the best "vs WO" any kernel reading UMQ's bytes could show in this run).
+
+Small layers (SmolLM2-135M's shapes, M = 1): per-call microseconds of the same baselines
+and of UMQLinear, next to its C kernel called alone, so "call - kernel" is what the
+Python side adds per layer.
 
 End to end (``--e2e``): SmolLM2-135M-Instruct (``examples/smollm2.py``, bfloat16 source)
 as (a) dense float32, (b) int8 weight-only linears (``_weight_int8pack_mm``, bfloat16
@@ -21,7 +28,7 @@ loaded with ``load_hf`` (float32 activations, and bfloat16); greedy generation o
 ``--new-tokens`` tokens from one prompt, tokens/s (best of ``--e2e-repeat``), and the
 generated texts side by side.
 
-    python benchmarks/runtime.py [--shapes 1x4096x4096,...] [--threads 1 2] [--repeat 20]
+    python benchmarks/runtime.py [--shapes 1x4096x4096,...] [--small-shapes 576x192,...] [--threads 1 2] [--repeat 20]
     python benchmarks/runtime.py --e2e [--new-tokens 32] [--threads 2]
 """
 
@@ -77,15 +84,31 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def read_bandwidth(threads: int, repeat: int = 5) -> float:
+    """Bytes per second this machine streams from memory at ``threads`` threads: the best
+    of ``repeat`` sums of a 256 MiB float32 tensor (far beyond the caches)."""
+    torch.set_num_threads(threads)
+    big = torch.ones(64 * 2**20)
+    return big.numel() * 4 / (time_ms(lambda: big.sum(), repeat) / 1000)
+
+
 def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, runtime path {runtime.select_isa()}, k=1, one scale per row, best of {repeat}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
+    bandwidth = {n: read_bandwidth(n) for n in threads}
+    print(
+        "read bandwidth (sum of 256 MiB): "
+        + ", ".join(f"{n} thread(s) {bw / 1e9:.1f} GB/s" for n, bw in bandwidth.items())
+        + "; 'floor' columns: the weight bytes at that speed (no kernel is faster once they stream from memory), "
+        "'ceil' = int8 WO's time / UMQ's floor: the best 'vs WO' reachable in this run"
+    )
     header = (
         f"{'M x C x R':>15} {'lo':>8} {'thr':>3} | {'fp32':>8} {'bf16':>8} {'int8 WO':>8} {'UMQ':>8} {'UMQ bf16x':>9} | "
-        f"{'vs fp32':>7} {'vs bf16':>7} {'vs WO':>6} | {'MiB fp32':>8} {'bf16':>6} {'WO':>6} {'UMQ':>6}"
+        f"{'vs fp32':>7} {'vs bf16':>7} {'vs WO':>6} | {'WO flr':>6} {'UMQ flr':>7} {'ceil':>5} | "
+        f"{'MiB fp32':>8} {'bf16':>6} {'WO':>6} {'UMQ':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -108,10 +131,13 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
                     t_umq = time_ms(lambda: layer(x), repeat)
                     path = runtime.last_path()
                     t_umq_bf16 = time_ms(lambda: layer(x_bf16), repeat)
+                wo_bytes, umq_bytes = r * c + 2 * r, layer.weight.nbytes
+                floor_wo, floor_umq = (1000 * b / bandwidth[n] for b in (wo_bytes, umq_bytes))
                 print(
                     f"{shape:>15} {lo:>8} {n:>3} | {t_fp32:8.3f} {t_bf16:8.3f} {t_wo:8.3f} {t_umq:8.3f} {t_umq_bf16:9.3f} | "
                     f"{t_fp32 / t_umq:6.2f}x {t_bf16 / t_umq:6.2f}x {t_wo / t_umq:5.2f}x | "
-                    f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(r * c + 2 * r)} {mib(layer.weight.nbytes)}  {path}"
+                    f"{floor_wo:6.3f} {floor_umq:7.3f} {t_wo / floor_umq:4.2f}x | "
+                    f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(wo_bytes)} {mib(umq_bytes)}  {path}"
                 )
 
 

@@ -304,7 +304,7 @@ class UMQLinear(nn.Module):
                 f"input has shape {tuple(x.shape)}, its last dimension must be in_features={self.in_features}",
                 rule="matmul-shape",
             )
-        if not self.cache_decoded and x.device.type == "cpu" and x.is_floating_point():
+        if not self.cache_decoded and x.is_cpu and x.is_floating_point():
             launch = self._cpu_launch()
             if launch is not None:
                 return launch(x)

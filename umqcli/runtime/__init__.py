@@ -306,7 +306,7 @@ class LinearLaunch:
         spec = self.packed.spec
         kind = _OUT_CODES.get(x.dtype)
         m = x.numel() // spec.columns if spec.columns else 0
-        if kind is None or m > GEMV_MAX_ROWS or x.device.type != "cpu" or spec.columns == 0:
+        if kind is None or m > GEMV_MAX_ROWS or not x.is_cpu or spec.columns == 0:
             rows = x.reshape(-1, spec.columns)
             out = matmul(rows, self.packed, isa=self.isa)
             if self.bias is not None:
