@@ -219,6 +219,29 @@ def test_python_loaders_refuse(damaged) -> None:
         assert str(plain.value) == str(info.value)
 
 
+@pytest.mark.parametrize("layout", ["sharded", "single-file"])
+def test_a_umq_config_over_plain_weights_is_not_packed_for_every_reader(packed_bert: Path, tmp_path: Path, layout) -> None:
+    """config.json says umq, the weights are plain: load_hf, a plain from_pretrained and
+    the CLI refuse it with the same line naming the directory (rule not-packed)."""
+    import transformers
+
+    target = tmp_path / "fake"
+    if layout == "sharded":
+        shutil.copytree(packed_bert.parent / "dense", target)
+    else:
+        target.mkdir()
+        transformers.BertModel.from_pretrained(packed_bert.parent / "dense").save_pretrained(target)
+    shutil.copy(packed_bert / "config.json", target / "config.json")
+    with pytest.raises(UMQError) as info:
+        load_hf(target)
+    assert info.value.rule == "not-packed" and info.value.file == str(target)
+    with pytest.raises(UMQError) as plain:
+        transformers.AutoModel.from_pretrained(target)
+    assert str(plain.value) == str(info.value)
+    result = runner.invoke(app, ["unpack", str(target), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {info.value}", result.stderr
+
+
 def test_what_transformers_raises_on_a_packed_index_is_one_umq_line(packed_bert: Path, tmp_path: Path) -> None:
     """An index umq's rules accept but transformers cannot use (no "metadata" object):
     transformers' KeyError becomes UMQError naming the index (rule transformers), chained."""

@@ -334,8 +334,7 @@ class Checkpoint:
         tensor: the one test every reader of packed checkpoints (inspect, verify, unpack)
         applies, so a plain checkpoint is refused the same way everywhere."""
         if not self.specs:
-            raise UMQError("not a packed checkpoint: no quantized tensor (umq.tensors is empty or missing)",
-                           rule="not-packed", file=self.path)
+            raise not_packed(self.path)
 
     # -- construction helpers
     def _resolve_dir(self) -> list[Path]:
@@ -541,6 +540,12 @@ class Checkpoint:
         except UMQError as exc:
             raise exc.located(file=self.spec_files[name])
         return packed
+
+
+def not_packed(path: str | Path) -> UMQError:
+    """The refusal of a checkpoint without a quantized tensor, alike from every reader."""
+    return UMQError("not a packed checkpoint: no quantized tensor (umq.tensors is empty or missing)",
+                    rule="not-packed", file=path)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

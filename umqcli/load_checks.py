@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import UMQError
 from .format import TensorSpec
-from .io import INDEX_NAME, open_checkpoint
+from .io import INDEX_NAME, not_packed, open_checkpoint
 
 
 def packed_directory_specs(files: Iterable[str | os.PathLike]) -> tuple[dict[str, TensorSpec], dict[str, Path]]:
@@ -29,7 +29,10 @@ def packed_directory_specs(files: Iterable[str | os.PathLike]) -> tuple[dict[str
     When the files come from a directory with an index, that directory is opened as a
     whole, so its index is held to every rule (entries inside the directory, every
     listed shard present, no unlisted shard holding packed tensors) and every file the
-    loader reads must be one the index lists. Raises :class:`UMQError` naming file, tensor and rule.
+    loader reads must be one the index lists. Files without a single packed tensor are
+    refused (``not-packed``, naming their directory): loading them would leave every
+    layer the config declares packed randomly initialised. Raises :class:`UMQError`
+    naming file, tensor and rule.
     """
     paths = [Path(f) for f in files]
     indexed = [p.parent for p in paths if (p.parent / INDEX_NAME).is_file()]
@@ -40,6 +43,7 @@ def packed_directory_specs(files: Iterable[str | os.PathLike]) -> tuple[dict[str
                 if path.resolve() not in listed:
                     raise UMQError("the loader reads this file but the index does not list it",
                                    rule="index-unlisted", file=path)
+            checkpoint.require_packed()
             return dict(checkpoint.specs), dict(checkpoint.spec_files)
     specs: dict[str, TensorSpec] = {}
     spec_files: dict[str, Path] = {}
@@ -51,6 +55,10 @@ def packed_directory_specs(files: Iterable[str | os.PathLike]) -> tuple[dict[str
                                    file=path, tensor=name)
                 specs[name] = spec
                 spec_files[name] = path
+    if not paths:
+        raise UMQError("the loader resolved no checkpoint file", rule="not-packed")
+    if not specs:
+        raise not_packed(paths[0].parent)
     return specs, spec_files
 
 
@@ -60,9 +68,7 @@ def check_directory_before_loading(path: str | os.PathLike) -> dict[str, TensorS
     is refused (rule ``not-packed``): loading it would leave every layer the config
     declares packed randomly initialised."""
     with open_checkpoint(path) as checkpoint:
-        if not checkpoint.specs:
-            raise UMQError("no safetensors header lists packed tensors (umq.tensors)",
-                           rule="not-packed", file=path)
+        checkpoint.require_packed()
         return dict(checkpoint.specs)
 
 

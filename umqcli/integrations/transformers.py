@@ -185,18 +185,11 @@ def install_index_check() -> None:
 def check_before_weights_load(checkpoint_files: Iterable[str | os.PathLike]) -> dict[str, TensorSpec]:
     """The packed tensors (source name -> spec) of the checkpoint, checked before
     transformers reads it; raises :class:`UMQError` where loading would go wrong."""
-    files = list(checkpoint_files)
     # Held to every rule a umq reader applies (index, headers, specs, stored shapes,
-    # orphans; docs/validation.md) before transformers reads a tensor.
-    specs, _ = packed_directory_specs(files)
-    if not specs:
-        # Loading on would leave every linear weight missing, i.e. randomly initialised,
-        # with only a log line from transformers.
-        raise UMQError(
-            "config.json says quant_method 'umq' but no safetensors header lists "
-            f"packed tensors (umq.tensors) in {len(files)} file(s)",
-            rule="not-packed",
-        )
+    # orphans, at least one packed tensor; docs/validation.md) before transformers reads
+    # a tensor: it would leave a weight it cannot find randomly initialised, with only a
+    # log line.
+    specs, _ = packed_directory_specs(checkpoint_files)
     return specs
 
 
