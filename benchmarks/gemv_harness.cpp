@@ -4,7 +4,8 @@
 // float32 read. A tool for working on the kernel, not part of the package.
 //
 //   g++ -O2 -std=c++17 -fopenmp -o /tmp/gemv_harness benchmarks/gemv_harness.cpp
-//   /tmp/gemv_harness [R C k lo hi reps]   (lo 0 e4m3, 1 e5m2, 2 int8; hi 0 f16, 1 bf16)
+//   /tmp/gemv_harness [R C k lo hi reps M]   (lo 0 e4m3, 1 e5m2, 2 int8; hi 0 f16, 1 bf16;
+//   M activation rows for UMQ, the int8 loop always runs one)
 #include "../umqcli/runtime/umq_cpu.cpp"
 
 #include <chrono>
@@ -75,30 +76,45 @@ int main(int argc, char** argv) {
   const int64_t R = argc > 1 ? atoll(argv[1]) : 4096, C = argc > 2 ? atoll(argv[2]) : 4096;
   const int k = argc > 3 ? atoi(argv[3]) : 1, lo = argc > 4 ? atoi(argv[4]) : 2, hi = argc > 5 ? atoi(argv[5]) : 1;
   const int reps = argc > 6 ? atoi(argv[6]) : 30;
+  const int64_t M = argc > 7 ? atoll(argv[7]) : 1;
   std::mt19937 gen(0);
   const int64_t G = C / 8, gb = 8 + k;
   std::vector<uint8_t> data(size_t(R * G * gb)), mask(size_t(R * G));
-  std::vector<float> scale(size_t(R), 0.01f), x(static_cast<size_t>(C)), y(static_cast<size_t>(R));
+  std::vector<float> scale(size_t(R), 0.01f), x(static_cast<size_t>(M * C)), y(static_cast<size_t>(M * R));
   std::vector<float> xf(size_t(R * C), 1.0f);
   std::vector<int8_t> q(size_t(R * C));
-  for (auto& b : data) b = uint8_t(gen() & 0x77);  // finite codes, small hi patterns
   for (auto& m : mask) {
     unsigned v = 0;
     while (__builtin_popcount(v) < k) v |= 1u << (gen() % 8);
     m = uint8_t(v);
   }
+  // Finite normal values, as a real weight has: lo codes of magnitude 1..63 (every format
+  // reads them as normal numbers), hi values in [1, 2) (0x3F80.. bf16, 0x3C00.. f16).
+  for (int64_t gi = 0; gi < R * G; ++gi) {
+    uint8_t* grp = data.data() + gi * gb;
+    for (int i = 0; i < 8; ++i) {
+      const int off = T.offset[mask[size_t(gi)]][i];
+      if ((mask[size_t(gi)] >> i) & 1) {
+        const uint16_t h = uint16_t((hi == HI_BF16 ? 0x3F80 : 0x3C00) | (gen() & 0x7F));
+        grp[off] = uint8_t(h & 0xFF);
+        grp[off + 1] = uint8_t(h >> 8);
+      } else {
+        grp[off] = uint8_t((gen() & 0x80) | (0x08 + gen() % 0x30));
+      }
+    }
+  }
   for (auto& v : x) v = float(gen() % 1000) / 1000.0f;
   for (auto& v : q) v = int8_t(gen());
   const double bytes = double(data.size() + mask.size() + 4 * scale.size());
   const UmqLayer L{data.data(), mask.data(), scale.data(), R, C, k, 8 * int32_t(G), lo, hi, nullptr, 0};
-  const double t_umq = best_ms([&] { umq_linear(ISA_AVX2, &L, x.data(), 0, 1, y.data(), 0, 1); }, reps);
+  const double t_umq = best_ms([&] { umq_linear(ISA_AVX2, &L, x.data(), 0, M, y.data(), 0, 1); }, reps);
   const double t_int8 = best_ms([&] { int8_gemv(q.data(), scale.data(), x.data(), y.data(), R, C); }, reps);
   volatile float sink = 0;
   const double t_read = best_ms([&] { sink = read_f32(xf.data(), R * C); }, reps);
   const double groups = double(R * G);
-  std::printf("R=%lld C=%lld k=%d lo=%d hi=%d: UMQ %.3f ms (%.2f GB/s, %.2f ns/group) | int8 loop %.3f ms (%.2f GB/s, "
+  std::printf("M=%lld R=%lld C=%lld k=%d lo=%d hi=%d: UMQ %.3f ms (%.2f GB/s, %.2f ns/group) | int8 loop %.3f ms (%.2f GB/s, "
               "%.2f ns/group) | fp32 read %.2f GB/s\n",
-              (long long)R, (long long)C, k, lo, hi, t_umq, bytes / t_umq / 1e6, t_umq * 1e6 / groups, t_int8,
+              (long long)M, (long long)R, (long long)C, k, lo, hi, t_umq, bytes / t_umq / 1e6, t_umq * 1e6 / groups, t_int8,
               double(R * C) / t_int8 / 1e6, t_int8 * 1e6 / groups, 4.0 * double(R * C) / t_read / 1e6);
   return 0;
 }
