@@ -294,29 +294,44 @@ def test_pack_gptq_slab_by_slab_equals_the_whole_tensor(tmp_path) -> None:
     assert info.value.rule == "hessian" and not (tmp_path / "p.safetensors").exists()
 
 
-def test_candidate_search_knows_the_gptq_method() -> None:
-    """method=rtn+gptq: gptq candidates (saliency only with gptq) appear when the tensor's
-    statistics carry a Hessian, their predicted error is tr(E H E^T) / tr(W H W^T) of
-    the packed result, and at equal bits gptq predicts less error than rtn."""
-    from umqcli.calibrate import CandidateSpace, evaluate_tensor
+def test_candidate_search_adds_gptq_candidates_around_the_rtn_allocation() -> None:
+    """method=rtn+gptq: the per-tensor pass evaluates rtn candidates only (saliency only
+    with gptq); after the rtn allocation, gptq candidates are added for the picked key and
+    its two neighbours on the rtn front (saliency for k > 0); each one's predicted error
+    is the key's best rtn prediction times tr(E H E^T) of what quantize_gptq packs over
+    that of the rtn bytes (stacked sweeps of two lo formats give the single sweep's
+    bytes); gptq predicts less error than rtn at equal bits, and the reallocation then
+    picks a gptq candidate."""
+    from umqcli.calibrate import CandidateSpace, allocate_budget, evaluate_tensor, search_recipe
+    from umqcli.calibrate.candidates import gptq_configurations
     from umqcli.stats import ChannelStats
 
     weight, hessian = _layer(rows=32, cols=256, seed=7)
-    space = CandidateSpace.parse("k=0-1,lo=int8,block=row,selection=magnitude+saliency,method=rtn+gptq")
+    space = CandidateSpace.parse("k=0-3,lo=int8+fp8_e4m3,block=row,selection=magnitude+saliency,method=rtn+gptq")
     assert space.methods == (Method.RTN, Method.GPTQ)
-    without = space.params_for(256, have_stats=True)
-    assert all(p.method is Method.RTN and p.selection is not Selection.SALIENCY for p in without)
     stats = ChannelStats(hessian.diagonal().clone(), hessian.diagonal().sqrt(), torch.zeros(256, dtype=torch.int64),
                          torch.zeros(0, 256), rows=2048, hessian=hessian)
-    choice = evaluate_tensor("w", weight, stats, space, refine=0)
-    by_key = {(c.params.method, c.params.k, c.params.selection): c for c in choice.candidates}
-    assert (Method.GPTQ, 1, Selection.SALIENCY) in by_key and (Method.RTN, 1, Selection.SALIENCY) not in by_key
-    for k, selection in ((0, Selection.MAGNITUDE), (1, Selection.MAGNITUDE)):
-        assert by_key[(Method.GPTQ, k, selection)].error < 0.7 * by_key[(Method.RTN, k, selection)].error
-    params = by_key[(Method.GPTQ, 1, Selection.SALIENCY)].params
-    packed = gptq.quantize_gptq(weight, params, hessian, act_sq=hessian.diagonal())
-    assert by_key[(Method.GPTQ, 1, Selection.SALIENCY)].error == pytest.approx(
-        _output_error(weight, packed, hessian), rel=1e-3)
+    rtn = evaluate_tensor("w", weight, stats, space, refine=0)
+    assert all(c.params.method is Method.RTN and c.params.selection is not Selection.SALIENCY
+               for c in rtn.candidates)
+    allocate_budget([rtn], 10.2)
+    assert rtn.chosen.params.k == 1  # 10.125 bits; k = 2 costs 11.125
+    expected = gptq_configurations(rtn, space)
+    assert [p.k for p in expected] == [0, 1, 2] and expected[1].selection is Selection.SALIENCY
+
+    result = search_recipe({"w": weight}, {"w": stats}, budget_bits=10.2, space=space)
+    choice = result.choices[0]
+    added = [c for c in choice.candidates if c.params.method is Method.GPTQ]
+    assert [c.params for c in added] == expected
+    for c in added:
+        reference = min((r for r in rtn.candidates if (r.params.k, r.params.lo, r.params.block)
+                         == (c.params.k, c.params.lo, c.params.block)), key=lambda r: r.error)
+        packed = gptq.quantize_gptq(weight, c.params, hessian, act_sq=hessian.diagonal())
+        rounded = codec.quantize(weight, reference.params, act_sq=hessian.diagonal())
+        gain = _output_error(weight, packed, hessian) / _output_error(weight, rounded, hessian)
+        assert c.error == pytest.approx(reference.error * gain, rel=1e-3)
+        assert gain < (0.7 if c.params.k == 0 else 1.0)
+    assert choice.chosen.params.method is Method.GPTQ and choice.chosen.bits <= 10.2
 
 
 def test_compare_shows_gptq_rows_when_the_statistics_hold_hessians() -> None:

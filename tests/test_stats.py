@@ -198,3 +198,22 @@ def test_uniform_stats_weight_every_channel_equally():
     item = ChannelStats.uniform(24)
     item.check("w")
     assert torch.equal(item.act_sq, torch.ones(24)) and item.sample.shape == (0, 24)
+
+
+def test_a_weight_reading_the_same_input_gets_a_copy_of_its_statistics():
+    """same_input_as: the rows are measured once, the second weight gets equal but its own
+    tensors (a stats file cannot hold one tensor twice) and shares the Hessian; naming
+    another source later is refused."""
+    acc = ActivationAccumulator(sample_rows=4)
+    for x in _batches():
+        acc.update("q.weight", x, hessian_key="q.weight")
+        acc.update("k.weight", x, hessian_key="q.weight", same_input_as="q.weight")
+    stats = acc.result()
+    assert list(stats) == ["q.weight", "k.weight"]
+    for field in ("act_sq", "absmax", "outliers", "sample"):
+        q, k = getattr(stats["q.weight"], field), getattr(stats["k.weight"], field)
+        assert torch.equal(q, k) and q.data_ptr() != k.data_ptr()
+    assert stats["k.weight"].rows == stats["q.weight"].rows and stats["k.weight"].hessian is stats["q.weight"].hessian
+    with pytest.raises(UMQError) as info:
+        acc.update("k.weight", _batches()[0], same_input_as="v.weight")
+    assert info.value.rule == "stats"

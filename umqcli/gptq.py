@@ -232,18 +232,17 @@ def _sweep(
         local = factor[start:stop, start:stop]
         for i in range(stop - start):
             j = start + i
-            column = part[i]
-            rounded_from[j] = column
+            # The block's earlier errors reach this column now (lazily: one matrix-vector
+            # product reads them, where a rank-1 update per column would rewrite the block).
+            column = rounded_from[j]
+            torch.addmv(part[i], errors[:i].t(), local[:i, i], alpha=-1.0, out=column)
             scaled = (column / divisors[j]).clamp_(-limit, limit)
             if lo is LoFormat.INT8:
                 decoded = scaled.round_()
             else:
                 decoded = scaled.to(lo.torch_dtype).float()
             decoded = torch.where(is_hi[j], hi_sorted[j], decoded.mul_(scales[j]))
-            error = errors[i]
-            torch.sub(column, decoded, out=error).div_(local[i, i])
-            if i + 1 < stop - start:
-                part[i + 1:].addr_(local[i, i + 1:], error, alpha=-1.0)
+            torch.sub(column, decoded, out=errors[i]).div_(local[i, i])
         if stop < cols:
             work[stop:].addmm_(factor[start:stop, stop:].t(), errors, alpha=-1.0)
     result = torch.empty_like(weight32)
@@ -254,6 +253,61 @@ def _sweep(
 def _row_energy(error: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """float64 ``[R]``: ``e_r^T H e_r`` per row (float32 matmul, float64 sum)."""
     return ((error @ hessian) * error).double().sum(1)
+
+
+@dataclass
+class _Parts:
+    """One configuration's rounding of one weight before error feedback: the hi mask and
+    format, the block scales and the lo bytes rounded to nearest."""
+
+    params: QuantParams
+    mask: torch.Tensor
+    hi: HiFormat
+    scale: torch.Tensor
+    lo_bytes: torch.Tensor
+
+
+def _rounded_parts(weight: torch.Tensor, params: QuantParams, hessian: PreparedHessian | None,
+                   act_sq: torch.Tensor | None) -> _Parts:
+    block = params.resolve_block(weight.shape[1])
+    weight32 = weight.float()
+    mask, hi = select_hi(weight, params, hessian, act_sq)
+    scale = scales_for(weight32, mask, params, hessian, act_sq)
+    return _Parts(params, mask, hi, scale, quantize_lo(weight32, scale, block, params.lo))
+
+
+def _error_feedback(weight: torch.Tensor, parts: list[_Parts],
+                    hessian: PreparedHessian) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per configuration: the lo bytes after the sweep and the guard, and each row's
+    ``e^T H e`` (float64 ``[R]``) under them. Configurations with one lo format run in
+    one sweep with their rows stacked (rows are independent): the sweep's per-column
+    steps are then paid once, not once per configuration."""
+    weight32 = weight.float()
+    rows, cols = weight32.shape
+    out: list = [None] * len(parts)
+    by_lo: dict[LoFormat, list[int]] = {}
+    for i, part in enumerate(parts):
+        by_lo.setdefault(part.params.lo, []).append(i)
+    for lo, members in by_lo.items():
+        hi_values = [weight.to(parts[i].hi.torch_dtype).float() for i in members]
+        blocks = [parts[i].params.resolve_block(cols) for i in members]
+        swept_from = _sweep(weight32.repeat(len(members), 1),
+                            torch.cat([parts[i].mask for i in members]),
+                            torch.cat(hi_values),
+                            torch.cat([parts[i].scale.repeat_interleave(b, dim=1) for i, b in zip(members, blocks)]),
+                            lo, hessian)
+        for n, (i, block, hi_value) in enumerate(zip(members, blocks, hi_values)):
+            part = parts[i]
+            swept_bytes = quantize_lo(swept_from[n * rows:(n + 1) * rows], part.scale, block, lo)
+            # The guard: per row, keep the sweep only where it lowers e^T H e.
+            rtn_energy = _row_energy(weight32 - _decoded(part.lo_bytes, part.scale, block, lo, part.mask, hi_value),
+                                     hessian.hessian)
+            swept_energy = _row_energy(weight32 - _decoded(swept_bytes, part.scale, block, lo, part.mask, hi_value),
+                                       hessian.hessian)
+            better = swept_energy < rtn_energy
+            out[i] = (torch.where(better.unsqueeze(1), swept_bytes, part.lo_bytes),
+                      torch.where(better, swept_energy, rtn_energy))
+    return out
 
 
 def quantize_gptq(
@@ -273,37 +327,58 @@ def quantize_gptq(
         if params.method is Method.RTN and params.scale_rule is ScaleRule.ABSMAX:
             return quantize(weight, params, act_sq=act_sq, name=name)
         with torch.no_grad():
-            return _quantize_gptq(weight, params, hessian, act_sq)
+            hessian = _checked_hessian(weight, params, hessian)
+            part = _rounded_parts(weight, params, hessian, act_sq)
+            lo_bytes = part.lo_bytes
+            if params.method is Method.GPTQ and params.k < GROUP:
+                lo_bytes = _error_feedback(weight, [part], hessian)[0][0]
+            return assemble(weight, params, part.hi, part.mask, part.scale, lo_bytes)
     except UMQError as exc:
         raise exc.located(tensor=name)
 
 
-def _quantize_gptq(weight, params, hessian, act_sq) -> PackedTensor:
+def gptq_error_energies(
+    weight: torch.Tensor,
+    configurations: list[QuantParams],
+    hessian: torch.Tensor | PreparedHessian,
+    *,
+    act_sq: torch.Tensor | None = None,
+) -> list[float]:
+    """``tr(E H E^T)`` (float64 sums) of each gptq configuration's result, ``E = W - Ŵ``
+    with ``Ŵ`` what :func:`quantize_gptq` packs (the same bytes, tested), ``H`` undamped.
+    The calibration search's cost model for gptq candidates; the sweeps of
+    configurations sharing a lo format run stacked (:func:`_error_feedback`)."""
+    weight = weight.detach().contiguous()
+    with torch.no_grad():
+        hessian = _checked_hessian(weight, next((p for p in configurations if p.method is Method.GPTQ), None), hessian)
+        parts = [_rounded_parts(weight, p, hessian, act_sq) for p in configurations]
+        swept = [i for i, p in enumerate(configurations) if p.method is Method.GPTQ and p.k < GROUP]
+        energies: list[float] = []
+        results = dict(zip(swept, _error_feedback(weight, [parts[i] for i in swept], hessian)))
+        weight32 = weight.float()
+        for i, part in enumerate(parts):
+            if i in results:
+                energies.append(float(results[i][1].sum()))
+            else:
+                block = part.params.resolve_block(weight.shape[1])
+                hi_values = weight.to(part.hi.torch_dtype).float()
+                error = weight32 - _decoded(part.lo_bytes, part.scale, block, part.params.lo, part.mask, hi_values)
+                energies.append(float(_row_energy(error, hessian.hessian).sum()))
+    return energies
+
+
+def _checked_hessian(weight: torch.Tensor, params: QuantParams | None,
+                     hessian: torch.Tensor | PreparedHessian | None) -> PreparedHessian | None:
     _check_source(weight)
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     if hessian is not None and not isinstance(hessian, PreparedHessian):
         hessian = prepare_hessian(hessian)
     if hessian is not None and tuple(hessian.hessian.shape) != (cols, cols):
         raise UMQError(f"the Hessian has shape {tuple(hessian.hessian.shape)}, expected ({cols}, {cols})",
                        rule="hessian")
-    if params.method is Method.GPTQ and hessian is None:
+    if params is not None and params.method is Method.GPTQ and hessian is None:
         raise UMQError("the gptq method needs the layer's Hessian (umq calibrate statistics)", rule="hessian")
-    block = params.resolve_block(cols)
-    weight32 = weight.float()
-    mask, hi = select_hi(weight, params, hessian, act_sq)
-    scale = scales_for(weight32, mask, params, hessian, act_sq)
-    lo_bytes = quantize_lo(weight32, scale, block, params.lo)
-    if params.method is Method.GPTQ and params.k < GROUP:
-        hi_values = weight.to(hi.torch_dtype).float()
-        scale_per_column = scale.repeat_interleave(block, dim=1)
-        rounded_from = _sweep(weight32, mask, hi_values, scale_per_column, params.lo, hessian)
-        swept_bytes = quantize_lo(rounded_from, scale, block, params.lo)
-        # The guard: per row, keep the sweep only where it lowers e^T H e.
-        rtn_error = weight32 - _decoded(lo_bytes, scale, block, params.lo, mask, hi_values)
-        swept_error = weight32 - _decoded(swept_bytes, scale, block, params.lo, mask, hi_values)
-        better = _row_energy(swept_error, hessian.hessian) < _row_energy(rtn_error, hessian.hessian)
-        lo_bytes = torch.where(better.unsqueeze(1), swept_bytes, lo_bytes)
-    return assemble(weight, params, hi, mask, scale, lo_bytes)
+    return hessian
 
 
 def _decoded(lo_bytes, scale, block, lo, mask, hi_values) -> torch.Tensor:

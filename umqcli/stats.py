@@ -148,9 +148,15 @@ class _Running:
         rows = x.shape[0]
         if rows == 0:
             return
-        self.sum_sq += x.double().square().sum(0)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        self.outliers += (x.abs() > self.threshold).sum(0)
+        # One batch's sum in float32 (torch's reductions are pairwise: relative error
+        # ~1e-7 for any batch size here), the running total in float64.
+        self.sum_sq += x.square().sum(0).double()
+        low, high = torch.aminmax(x, dim=0)
+        batch_absmax = torch.maximum(high, low.neg_())
+        torch.maximum(self.absmax, batch_absmax, out=self.absmax)
+        hot = (batch_absmax > self.threshold).nonzero().squeeze(1)  # outliers are rare: count only there
+        if hot.numel():
+            self.outliers[hot] += (x[:, hot].abs() > self.threshold).sum(0)
         if self.sample_rows:
             keys = torch.rand(rows, generator=self.generator, dtype=torch.float64)
             index = torch.arange(self.rows, self.rows + rows, dtype=torch.int64)
@@ -191,6 +197,8 @@ class ActivationAccumulator:
         self._hessian_sums: dict[str, torch.Tensor] = {}
         self._hessian_rows: dict[str, int] = {}
         self._hessian_of: dict[str, str] = {}
+        self._same_as: dict[str, str] = {}  # weight -> the weight whose input rows it shares
+        self._names: dict[str, None] = {}  # every weight, in the order first seen
         if sample_rows < 0:
             raise UMQError(f"sample_rows must be >= 0, got {sample_rows}", rule="stats")
         self.sample_rows = sample_rows
@@ -198,11 +206,23 @@ class ActivationAccumulator:
         self.outlier_threshold = outlier_threshold
         self._running: dict[str, _Running] = {}
 
-    def update(self, name: str, x: torch.Tensor, *, hessian_key: str | None = None) -> None:
+    def update(self, name: str, x: torch.Tensor, *, hessian_key: str | None = None,
+               same_input_as: str | None = None) -> None:
         """Add input rows ``x`` (float ``[..., C]``) of weight ``name``. With
         ``hessian_key`` also ``x^T x`` into the Hessian of that key, once per call for the
         first weight of the key (weights that read the same input name the same key and
-        pass the same rows; only the key's own weight adds them)."""
+        pass the same rows; only the key's own weight adds them).
+
+        ``same_input_as``: another weight that was handed these very rows just before
+        (q/k/v, gate/up): ``name`` then gets that weight's statistics without computing
+        them again (a copy in :meth:`result`). It must name the same weight on every call."""
+        self._names.setdefault(name)
+        if same_input_as is not None and same_input_as != name:
+            if self._same_as.setdefault(name, same_input_as) != same_input_as or name in self._running:
+                raise UMQError(f"shares its input with {same_input_as} now, not before", rule="stats", tensor=name)
+            if hessian_key is not None:
+                self._hessian_of.setdefault(name, hessian_key)
+            return
         x = x.reshape(-1, x.shape[-1])
         if hessian_key is not None:
             self._hessian_of.setdefault(name, hessian_key)
@@ -227,13 +247,19 @@ class ActivationAccumulator:
         running.update(x)
 
     def names(self) -> list[str]:
-        return list(self._running)
+        return list(self._names)
 
     def result(self) -> dict[str, ChannelStats]:
         hessians = {key: total / max(self._hessian_rows[key], 1) for key, total in self._hessian_sums.items()}
+        computed = {name: running.result() for name, running in self._running.items()}
         out = {}
-        for name, running in self._running.items():
-            item = running.result()
+        for name in self.names():
+            if name in computed:
+                item = computed[name]
+            else:  # its own tensors (a stats file may not hold one tensor twice)
+                source = computed[self._same_as[name]]
+                item = replace(source, act_sq=source.act_sq.clone(), absmax=source.absmax.clone(),
+                               outliers=source.outliers.clone(), sample=source.sample.clone())
             key = self._hessian_of.get(name)
             if key in hessians and hessians[key].shape[0] == item.channels:
                 item = replace(item, hessian=hessians[key])

@@ -294,52 +294,32 @@ def evaluate_tensor(
     act_sq = stats.act_sq.float() if stats is not None else torch.ones(cols)
     subset = weight[_row_subset(rows, max_rows)]
     evaluator = FakeQuantizer(subset, act_sq)
-    hessian = None if stats is None else stats.hessian
-    all_params = space.params_for(cols, have_stats=stats is not None, have_hessian=hessian is not None)
+    # gptq candidates come later, around the rtn allocation (evaluate_gptq).
+    all_params = [p for p in space.params_for(cols, have_stats=stats is not None) if p.method is Method.RTN]
     candidates: list[Candidate] = []
     energy_fix = output_energy_correction(subset, act_sq, None if stats is None else stats.sample)
     w = subset.double()
     denominator = float((w.square().sum(0) * act_sq.double()).sum())
     use_fused_pass = _fused_errors_possible(evaluator, fused)
-    prepared: list = []  # the factored Hessian, made on the first gptq candidate
-
-    def gptq_error(params: QuantParams) -> float:
-        # Error feedback makes the errors of one row correlated on purpose (they cancel
-        # through H's off-diagonal terms), so the diagonal model would overstate them:
-        # with H itself, tr(E H E^T) / tr(W H W^T) is the expected output error energy.
-        from ..gptq import prepare_hessian, quantize_gptq
-
-        if not prepared:
-            prepared.append(prepare_hessian(hessian))
-        approx = dequantize(quantize_gptq(subset, params, prepared[0], act_sq=act_sq), torch.float32)
-        h = prepared[0].hessian
-        w = subset.float()
-        e = w - approx
-        den = float(((w @ h) * w).double().sum())
-        return 0.0 if den <= 0.0 else max(float(((e @ h) * e).double().sum()), 0.0) / den
 
     def run(batch: Sequence[QuantParams]) -> list[Candidate]:
-        rounded = [p for p in batch if p.method is Method.RTN]
-        if use_fused_pass and all(p.hi is None for p in rounded):
-            numerators = _fused_numerators(evaluator, act_sq, rounded, fused_threads)
+        if use_fused_pass and all(p.hi is None for p in batch):
+            numerators = _fused_numerators(evaluator, act_sq, batch, fused_threads)
         else:
-            numerators = [_reference_numerator(evaluator, act_sq, params) for params in rounded]
-        errors = {id(p): 0.0 if denominator == 0.0 else n / denominator * energy_fix
-                  for p, n in zip(rounded, numerators)}
-        out = [Candidate(p, p.bits_per_element(cols), errors[id(p)] if p.method is Method.RTN else gptq_error(p))
-               for p in batch]
+            numerators = [_reference_numerator(evaluator, act_sq, params) for params in batch]
+        out = [Candidate(p, p.bits_per_element(cols), 0.0 if denominator == 0.0 else n / denominator * energy_fix)
+               for p, n in zip(batch, numerators)]
         candidates.extend(out)
         return out
 
-    # gptq candidates are pruned like the non-magnitude selections (each costs a sweep).
-    magnitude = [p for p in all_params if p.selection is Selection.MAGNITUDE and p.method is Method.RTN]
+    magnitude = [p for p in all_params if p.selection is Selection.MAGNITUDE]
     by_k: dict[int, list[Candidate]] = {}
     for cand in run(magnitude):
         by_k.setdefault(cand.params.k, []).append(cand)
     magnitude_keys = {(p.k, p.lo, p.block) for p in magnitude}
     others = []
     for params in all_params:
-        if params.selection is Selection.MAGNITUDE and params.method is Method.RTN:
+        if params.selection is Selection.MAGNITUDE:
             continue
         key = (params.k, params.lo, params.block)
         if refine > 0 and key in magnitude_keys:
@@ -357,3 +337,71 @@ def evaluate_tensor(
         outlier_channels=stats.outlier_channels if stats is not None else 0,
         act_peak_ratio=float(act_sq.max()) / mean if mean > 0 else 1.0,
     )
+
+
+def gptq_configurations(choice: TensorChoice, space: CandidateSpace) -> list[QuantParams]:
+    """The gptq candidates worth a sweep for a tensor whose rtn candidates are allocated
+    (``choice.chosen`` set): the keys (k, lo, block) of the chosen candidate and of its
+    two neighbours on the tensor's rtn front (one cheaper, one dearer), each with the
+    ``saliency`` selection when the space offers it (the GPTQ/SpQR criterion, which won
+    on MiniLM, docs/gptq.md), else with the key's best rtn selection. Every other key
+    would need the allocation to move further than error feedback's common gain moves
+    it; a sweep per candidate of the full space costs far more than the rest of the
+    search (docs/gptq.md, "cost")."""
+    if Method.GPTQ not in space.methods or choice.chosen is None:
+        return []
+    front = candidate_front([c for c in choice.candidates if c.params.method is Method.RTN])
+    at = next((i for i, c in enumerate(front) if c is choice.chosen), None)
+    if at is None:  # the chosen one is off the rtn front (a gptq candidate): nothing new
+        return []
+    out: list[QuantParams] = []
+    for c in front[max(at - 1, 0):at + 2]:
+        p = c.params
+        if p.k == GROUP:
+            continue  # no lo element to feed errors into
+        selection = p.selection
+        if Selection.SALIENCY in space.selections and p.k > 0:
+            selection = Selection.SALIENCY
+        gptq = p.with_(method=Method.GPTQ, selection=selection)
+        if gptq not in out:
+            out.append(gptq)
+    return out
+
+
+GPTQ_SEARCH_ROWS = 256  # rows a gptq candidate's gain is measured on (evenly spaced)
+
+
+def evaluate_gptq(choice: TensorChoice, weight: torch.Tensor, stats: ChannelStats, space: CandidateSpace, *,
+                  max_rows: int = 0, prepared=None) -> None:
+    """Add ``choice``'s gptq candidates (:func:`gptq_configurations`) with their errors.
+
+    A gptq candidate's predicted error is that of the key's best rtn candidate (same k,
+    lo, block; the model of :mod:`umqcli.calibrate`, every row) times the gain of error
+    feedback, ``tr(E H E^T)`` of the gptq result over that of the rtn one, both measured
+    with H on up to ``GPTQ_SEARCH_ROWS`` evenly spaced rows. With H, not its diagonal:
+    error feedback correlates the errors of one row on purpose (they cancel through H's
+    off-diagonal terms). As a gain on the rtn prediction it stays comparable with the rtn
+    candidates, and the sweep runs on a fraction of the rows of the large layers.
+    ``prepared``: ``gptq.prepare_hessian(stats.hessian)`` if already made (layers reading
+    one input share it)."""
+    from ..gptq import gptq_error_energies, prepare_hessian
+
+    configurations = gptq_configurations(choice, space)
+    if not configurations or stats is None or stats.hessian is None:
+        return
+    rows, cols = weight.shape
+    limit = GPTQ_SEARCH_ROWS if max_rows <= 0 else min(max_rows, GPTQ_SEARCH_ROWS)
+    subset = weight[_row_subset(rows, limit)]
+    prepared = prepared if prepared is not None else prepare_hessian(stats.hessian)
+    references = []
+    for p in configurations:
+        same_key = [c for c in choice.candidates if c.params.method is Method.RTN
+                    and (c.params.k, c.params.lo, c.params.block) == (p.k, p.lo, p.block)]
+        references.append(min(same_key, key=lambda c: c.error))
+    energies = gptq_error_energies(subset, configurations + [r.params for r in references], prepared,
+                                   act_sq=stats.act_sq.float())
+    n = len(configurations)
+    for p, reference, gptq_energy, rtn_energy in zip(configurations, references, energies[:n], energies[n:]):
+        gain = 1.0 if rtn_energy <= 0.0 else max(gptq_energy, 0.0) / rtn_energy
+        choice.candidates.append(Candidate(p, p.bits_per_element(cols), reference.error * gain))
+    choice.hull = lower_hull(choice.candidates)

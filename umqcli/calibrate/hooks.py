@@ -93,19 +93,22 @@ def collect_stats(
     accumulator = ActivationAccumulator(sample_rows=sample_rows, seed=seed)
     current_mask: list[torch.Tensor | None] = [None]
     # Per batch: input tensor id -> (the tensor, kept alive so its id stays unique; the
-    # first weight that read it). Weights reading the same tensor share its Hessian.
+    # first weight that read it). Weights reading the same tensor share its statistics
+    # and its Hessian, measured once.
     batch_inputs: dict[int, tuple[torch.Tensor, str]] = {}
 
     def make_hook(weight_name: str):
         def hook(module, args):
             x = args[0]
-            key = None
-            if hessian:
-                key = batch_inputs.setdefault(id(x), (x, weight_name))[1]
+            first_reader = batch_inputs.setdefault(id(x), (x, weight_name))[1]
+            if first_reader != weight_name:  # q/k/v, gate/up: statistics measured once
+                accumulator.update(weight_name, x, hessian_key=first_reader if hessian else None,
+                                   same_input_as=first_reader)
+                return
             token_mask = current_mask[0]
             if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
                 x = x[token_mask]
-            accumulator.update(weight_name, x, hessian_key=key)
+            accumulator.update(weight_name, x, hessian_key=weight_name if hessian else None)
 
         return hook
 

@@ -15,7 +15,9 @@ from .._fused import torch_threads
 from ..errors import UMQError
 from ..progress import ProgressFn, no_progress
 from ..stats import ChannelStats
-from .candidates import CandidateSpace, TensorChoice, candidate_front, evaluate_tensor
+from ..format import Method
+from .candidates import (CandidateSpace, TensorChoice, candidate_front, evaluate_gptq, evaluate_tensor,
+                         gptq_configurations)
 from .explain import explain
 
 
@@ -140,6 +142,26 @@ class SearchResult:
 
 
 
+def _add_gptq_candidates(choices: Sequence[TensorChoice], weights: Mapping[str, torch.Tensor],
+                         stats: Mapping[str, ChannelStats], space: CandidateSpace, max_rows: int,
+                         progress: ProgressFn) -> None:
+    from ..gptq import prepare_hessian
+
+    prepared: dict[int, object] = {}  # id(H) -> factored H: q/k/v (gate/up) share one
+    for i, choice in enumerate(choices):
+        item = stats.get(choice.name)
+        if item is not None and item.hessian is not None and gptq_configurations(choice, space):
+            key = id(item.hessian)
+            if key not in prepared:
+                prepared.clear()  # layers sharing an input come one after another
+                prepared[key] = prepare_hessian(item.hessian)
+            try:
+                evaluate_gptq(choice, weights[choice.name], item, space, max_rows=max_rows, prepared=prepared[key])
+            except UMQError as exc:
+                raise exc.located(tensor=choice.name)
+        progress("search gptq", i + 1, len(choices))
+
+
 def search_recipe(
     weights: Mapping[str, torch.Tensor],
     stats: Mapping[str, ChannelStats] | None,
@@ -187,12 +209,20 @@ def search_recipe(
             progress("search", i + 1, total)
     if not choices:
         raise UMQError("no quantizable tensors", rule="plan")
-    if budget_bits is not None:
-        allocate_budget(choices, budget_bits)
-        mode, target = "budget", budget_bits
-    else:
-        allocate_max_error(choices, max_rel_error)
-        mode, target = "max-error", max_rel_error
+
+    def allocate() -> None:
+        if budget_bits is not None:
+            allocate_budget(choices, budget_bits)
+        else:
+            allocate_max_error(choices, max_rel_error)
+
+    allocate()
+    if Method.GPTQ in space.methods and stats is not None:
+        # Error feedback around the rtn allocation, then allocate again with both.
+        with torch_threads(threads):  # many small ops per column: one thread (see above)
+            _add_gptq_candidates(choices, weights, stats, space, max_rows, progress)
+        allocate()
+    mode, target = ("budget", budget_bits) if budget_bits is not None else ("max-error", max_rel_error)
     explain(choices)
     have = stats is not None and any(c.name in stats for c in choices)
     return SearchResult(choices, mode, float(target), "activations" if have else "weights-only")
