@@ -181,7 +181,6 @@ def install_index_check() -> None:
             modeling_utils.get_checkpoint_shard_files = check_index_first(current)
 
 
-
 def check_before_weights_load(checkpoint_files: Iterable[str | os.PathLike]) -> dict[str, TensorSpec]:
     """The packed tensors (source name -> spec) of the checkpoint, checked before
     transformers reads it; raises :class:`UMQError` where loading would go wrong."""
