@@ -144,9 +144,12 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
 def small_layer_table(shapes: str, threads: list[int], repeat: int) -> None:
     """Per-call time of SmolLM2-sized layers at M = 1, microseconds (median: these calls
     are short enough that the best run hides the Python cost). ``kernel`` is the C call
-    alone (no Python work but the ctypes call); ``call - kernel`` is what UMQLinear adds."""
+    alone (no Python work but the ctypes call); ``call - kernel`` is what UMQLinear adds.
+    Weights are bfloat16, as SmolLM2's, so the hi values are bfloat16 (the layer table's
+    float32 weights get float16 hi values, a slower decode)."""
     torch.manual_seed(0)
-    print(f"\nSmall layers, M = 1, k=1 int8, with bias, median of {repeat * 50} calls, microseconds")
+    print(f"\nSmall layers, M = 1, bfloat16 weights, k=1 int8 (hi bfloat16), with bias, median of {repeat * 50} "
+          "calls, microseconds")
     header = (
         f"{'C x R':>10} {'thr':>3} | {'fp32':>7} {'bf16':>7} {'int8 WO':>7} | {'UMQ f32x':>8} {'UMQ bf16x':>9} "
         f"{'kernel':>7} {'call-kernel':>11} | {'vs WO (bf16x)':>13} {'vs fp32':>7}"
@@ -155,12 +158,12 @@ def small_layer_table(shapes: str, threads: list[int], repeat: int) -> None:
     print("-" * len(header))
     for shape in shapes.split(","):
         c, r = (int(v) for v in shape.lower().split("x"))
-        weight = torch.randn(r, c) * 0.02
+        weight = (torch.randn(r, c) * 0.02).to(torch.bfloat16).float()
         bias = torch.randn(r)
         x = torch.randn(1, c)
         x_bf16, w_bf16, bias_bf16 = x.to(torch.bfloat16), weight.to(torch.bfloat16), bias.to(torch.bfloat16)
         q, q_scale = int8_weight_only(weight)
-        layer = UMQLinear.from_packed(quantize(weight, QuantParams(k=1, lo="int8")), bias)
+        layer = UMQLinear.from_packed(quantize(weight.to(torch.bfloat16), QuantParams(k=1, lo="int8")), bias)
         layer_bf16 = UMQLinear.from_packed(layer.packed, bias_bf16)
         out = torch.empty(1, r)
         for n in threads:

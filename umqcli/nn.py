@@ -138,7 +138,10 @@ class UMQLinear(nn.Module):
       ``umq_scale``); ``Ŵ`` is its float32 decode.
     - ``bias``: float ``[out_features]`` parameter or ``None``.
     - ``backend``: ``"auto"`` (CUDA kernel for inputs on a GPU when CuPy is present, the
-      torch reference path otherwise), ``"torch"`` or ``"cuda"``.
+      fused CPU runtime for CPU inputs when it builds, the torch reference path
+      otherwise), ``"torch"``, ``"cpu"`` or ``"cuda"``. On the CPU runtime the layer keeps
+      one checked launch state (:class:`umqcli.runtime.LinearLaunch`), rebuilt whenever a
+      buffer, the bias, the spec or ``backend`` changes.
     - ``cache_decoded``: keep the decoded float32 weight after the first forward (per
       device) and use ``F.linear``. Faster on the CPU, but it holds a dense copy next to
       the packed one (``4 * R * C`` bytes more), so the weight is no longer "kept packed";
