@@ -29,12 +29,13 @@ import torch
 import smollm2
 from umqcli import codec, gptq
 from umqcli.baselines import fake_quant_fp8_channel, fake_quant_int8_channel
-from umqcli.calibrate import collect_stats, load_hf_model, match_weight_names
-from umqcli.format import QuantParams
+from umqcli.calibrate import CandidateSpace, collect_stats, load_hf_model, match_weight_names, search_recipe
+from umqcli.format import Method, QuantParams
 from umqcli.io import open_checkpoint
 from umqcli.perplexity import perplexity, token_windows
 from umqcli.plan import make_plan
 
+RECIPE_CANDIDATES = "k=0-8,lo=fp8_e4m3+int8,block=row+32+128,selection=magnitude+activation+saliency,method=rtn+gptq"
 CONFIGS = [
     ("rtn", QuantParams(k=1, lo="int8", selection="activation")),
     ("gptq", QuantParams(k=1, lo="int8", selection="saliency", method="gptq")),
@@ -109,6 +110,27 @@ def main() -> None:
             bits = sum(numel[n] * params.bits_per_element(weights[n].shape[1]) for n in names) / total
             sel = params.selection.value if params.k else "-"
             rows.append((f"{method} k={params.k} {params.lo.value} row {sel}", bits, ppl(decoded), seconds))
+    # The 10-bit recipe: umq calibrate's search with gptq candidates on the same statistics.
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    search = search_recipe(weights, stats, budget_bits=10.0, space=CandidateSpace.parse(RECIPE_CANDIDATES))
+    with torch.no_grad():
+        decoded = {}
+        for choice in search.choices:
+            n, params, item = choice.name, choice.chosen.params, stats.get(choice.name)
+            if params.method is Method.GPTQ:
+                key = id(item.hessian)
+                if key not in prepared:
+                    prepared[key] = gptq.prepare_hessian(item.hessian)
+                packed = gptq.quantize_gptq(weights[n], params, prepared[key], act_sq=item.act_sq)
+            else:
+                packed = codec.quantize(weights[n], params, act_sq=None if item is None else item.act_sq)
+            decoded[n] = codec.dequantize(packed, torch.float32)
+    seconds = time.perf_counter() - t
+    torch.set_num_threads(args.threads)
+    used = sum(c.numel for c in search.choices if c.chosen.params.method is Method.GPTQ) / total
+    rows.append((f"recipe at 10 bits, gptq candidates (gptq on {100 * used:.0f}% of elements)",
+                 search.average_bits, ppl(decoded), seconds))
     int8_up, fp8_up = rows[0][2] - base, rows[1][2] - base
     print(f"SmolLM2-135M ({len(names)} tensors, {total:,} elements); statistics + Hessians "
           f"({args.samples} x {args.seq_len} tokens): {stats_seconds:.0f} s; perplexity on "

@@ -193,7 +193,8 @@ def smollm2_packed(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
 def test_smollm2_packed_loads_with_plain_from_pretrained_scores_and_generates(smollm2, smollm2_dir, smollm2_packed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from umqcli.nn import UMQLinear, configure
+    from umqcli.backends import get_backend
+    from umqcli.nn import UMQLinear
 
     transformers.logging.set_verbosity_error()
     held_out = smollm2.prose_split()[1]
@@ -213,7 +214,10 @@ def test_smollm2_packed_loads_with_plain_from_pretrained_scores_and_generates(sm
         model = AutoModelForCausalLM.from_pretrained(packed_dir, dtype=torch.float32).eval()
         layers = [m for m in model.modules() if isinstance(m, UMQLinear)]
         assert len(layers) == 30 * 7, lo  # q/k/v/o, gate/up/down of 30 layers: packed, not dense
-        configure(model, cache_decoded=True)  # decode once, not at every generated token
+        # The default path users get: backend auto, no decoded copies, i.e. the fused CPU
+        # runtime reading the packed bytes at every call (docs/runtime.md).
+        assert all(layer.backend == "auto" and not layer.cache_decoded for layer in layers)
+        assert get_backend("auto").name == "cpu", "the fused CPU runtime does not build here"
         change = 100 * (perplexity(model, windows).value / reference_ppl - 1)
         assert abs(change) < SMOLLM2_MAX_ABS_PPL_CHANGE_PCT, (lo, change)
         if lo != LoFormat.INT8.value:
@@ -231,3 +235,41 @@ def test_smollm2_packed_loads_with_plain_from_pretrained_scores_and_generates(sm
         # where the packed model picks another token has a top-2 logit margin below
         # NEAR_TIE_LOGITS in the reference (the measured values are next to it).
         assert all(margins[i] < NEAR_TIE_LOGITS for i in disagreements), (disagreements, margins)
+
+
+def test_documented_chain_calibrate_pack_recipe_verify_perplexity_on_smollm2(smollm2_dir, prose_files, tmp_path):
+    """docs/llm.md's chain through the CLI, made small: statistics with Hessians from
+    4 x 64 calibration tokens, a search with gptq candidates over layer 0's seven linears
+    at 10 bits, `pack --recipe` of those seven (gptq from the recorded statistics; the
+    other tensors stay bf16), `verify --perplexity` on 256 held-out tokens."""
+    from umqcli.io import open_checkpoint
+
+    calibration, held_out = prose_files
+    stats, recipe, packed = tmp_path / "stats.safetensors", tmp_path / "recipe.json", tmp_path / "packed"
+    result = runner.invoke(app, [
+        "calibrate", str(smollm2_dir), "--data", str(calibration), "--hessian", "--stats-out", str(stats),
+        "-o", str(recipe), "--budget-bits", "10", "--samples", "4", "--seq-len", "64",
+        "--include", "model.layers.0.*", "--json",
+        "--candidates", "k=0-2,lo=int8+fp8_e4m3,block=row,selection=magnitude+saliency,method=rtn+gptq"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert len(summary["tensors"]) == 7 and summary["average_bits_per_element"] <= 10
+    gptq_tensors = {n for n, t in summary["tensors"].items() if t.get("method") == "gptq"}
+    assert gptq_tensors  # error feedback beats round to nearest at equal bits somewhere
+
+    result = runner.invoke(app, ["pack", str(smollm2_dir), "--recipe", str(recipe), "-o", str(packed),
+                                 "--include", "model.layers.0.*"])
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(packed) as checkpoint:
+        assert sorted(checkpoint.specs) == sorted(summary["tensors"])
+        for name, entry in summary["tensors"].items():
+            spec = checkpoint.specs[name]
+            assert (spec.k, spec.lo.value) == (entry["k"], entry["lo"])
+            assert spec.selection.endswith("+gptq") == (name in gptq_tensors)
+
+    result = runner.invoke(app, ["verify", str(packed), "--reference", str(smollm2_dir), "--perplexity",
+                                 str(held_out), "--ppl-tokens", "256", "--ppl-window", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["perplexity"]
+    assert report["tokens"] == 256 and report["window"] == 128
+    assert abs(report["increase_pct"]) < SMOLLM2_MAX_ABS_PPL_CHANGE_PCT, report
