@@ -274,6 +274,10 @@ def test_launch_state_is_rebuilt_when_the_weight_or_bias_changes():
     assert layer._launch is not launch and layer._launch.bias.dtype == torch.bfloat16
     assert torch.equal(y, (runtime.matmul(x.bfloat16().float(), other_k) + 1).bfloat16())
 
+    for bad_input in (torch.randn(3, 32), torch.randn(2, 64).double()[:, :32], torch.ones(1, 64, dtype=torch.int32)):
+        with pytest.raises(UMQError):
+            layer._launch(bad_input)  # the launch's own check: a wrong width is never read
+
     layer.weight.umq_data = torch.zeros(24, 5, dtype=torch.uint8)  # a wrong buffer is checked, not read
     with pytest.raises(UMQError) as info:
         layer(x)

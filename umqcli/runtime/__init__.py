@@ -49,7 +49,7 @@ _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 GEMV_MAX_ROWS = 16
 """Largest M served by the in-register GEMV; above, the tiled decode + GEMM."""
-PARALLEL_MIN_WORK = int(os.environ.get("UMQ_PARALLEL_MIN_WORK", 1 << 18))
+PARALLEL_MIN_WORK = int(os.environ.get("UMQ_PARALLEL_MIN_WORK", 1 << 21))
 """Fewest weights (times M / 4) a call needs before it runs on more than one thread: below, a
 fork/join (and, on a busy machine, waiting for a second core) costs more than it saves."""
 TILE_BYTES = 1 << 20
@@ -304,9 +304,15 @@ class LinearLaunch:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         global _last_path
         spec = self.packed.spec
+        if not x.is_cpu or x.dim() < 1 or x.shape[-1] != spec.columns or not x.is_floating_point():
+            raise UMQError(
+                f"the CPU runtime multiplies a float CPU tensor [..., {spec.columns}], got {x.dtype} "
+                f"{tuple(x.shape)} on {x.device}",
+                rule="matmul-input",
+            )
         kind = _OUT_CODES.get(x.dtype)
         m = x.numel() // spec.columns if spec.columns else 0
-        if kind is None or m > GEMV_MAX_ROWS or not x.is_cpu or spec.columns == 0:
+        if kind is None or m > GEMV_MAX_ROWS or spec.columns == 0:
             rows = x.reshape(-1, spec.columns)
             out = matmul(rows, self.packed, isa=self.isa)
             if self.bias is not None:
