@@ -1,5 +1,5 @@
-"""The calibration chain (statistics -> candidate search -> pack --recipe) at two model
-sizes, with the time of each stage, peak RSS, and the search's speed-up over the torch
+"""The calibration chain (statistics with Hessians -> candidate search with gptq
+candidates -> pack --recipe) at two model sizes, as docs/llm.md runs it, with the time of each stage, peak RSS, and the search's speed-up over the torch
 reference path measured on some of the same tensors in the same run.
 
     python benchmarks/calibrate.py            # all-MiniLM-L6-v2 and SmolLM2-135M
@@ -29,6 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 TEXT_BYTES = 80_000
 BUDGET_BITS = 10.0
+SAMPLES = 32  # x 128 tokens: the documented chain's --samples
+CANDIDATES = "k=0-8,lo=fp8_e4m3+int8,block=row+32+128,selection=magnitude+activation+saliency,method=rtn+gptq"
 REFERENCE_TENSORS = 3  # tensors timed on the torch reference path for the ratio
 SEVEN_B = 7.0e9
 
@@ -71,12 +73,12 @@ def chain(name: str, work: Path) -> dict:
         out["tensors"] = len(names)
         out["params"] = sum(checkpoint.entry(n).shape[0] * checkpoint.entry(n).shape[1] for n in names)
         start = time.perf_counter()
-        run = collect_stats(model, text, checkpoint_names=checkpoint.names())
+        run = collect_stats(model, text, checkpoint_names=checkpoint.names(), samples=SAMPLES, hessian=True)
         out["stats_s"] = time.perf_counter() - start
         out["tokens"] = int(run.metadata["tokens"])
         weights = CheckpointWeights(checkpoint, names)
         start = time.perf_counter()
-        result = search_recipe(weights, run.stats, budget_bits=BUDGET_BITS)
+        result = search_recipe(weights, run.stats, budget_bits=BUDGET_BITS, space=CandidateSpace.parse(CANDIDATES))
         out["search_s"] = time.perf_counter() - start
         out["candidates"] = sum(len(c.candidates) for c in result.choices)
         # the same tensors on the torch reference path, for the ratio
@@ -94,7 +96,10 @@ def chain(name: str, work: Path) -> dict:
     recipe = to_recipe(result, source=model.name)
     start = time.perf_counter()
     act_sq = {n: s.act_sq for n, s in run.stats.items()}
-    summary = pack(model, work / "packed", recipe=recipe, act_sq=act_sq)
+    hessians = {n: s.hessian for n, s in run.stats.items() if s.hessian is not None}
+    summary = pack(model, work / "packed", recipe=recipe, act_sq=act_sq, hessians=hessians)
+    out["gptq_share"] = sum(c.numel for c in result.choices if c.chosen.params.method.value == "gptq") / sum(
+        c.numel for c in result.choices)
     out["pack_s"] = time.perf_counter() - start
     out["bits"] = result.average_bits
     out["packed_tensors"] = len(summary.packed)
@@ -115,16 +120,17 @@ def main(argv: list[str]) -> int:
             print(done.stderr, file=sys.stderr)
             return 1
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"calibration chain, --budget-bits {BUDGET_BITS:g}, {TEXT_BYTES // 1000} KB of text, "
+    print(f"calibration chain, --budget-bits {BUDGET_BITS:g}, --candidates {CANDIDATES}, --hessian, "
+          f"--samples {SAMPLES}, {TEXT_BYTES // 1000} KB of text, "
           f"{os.cpu_count()} cores; search vs reference: the same {REFERENCE_TENSORS} tensors, one thread")
     print("| model | quantized params | tensors | tokens | statistics s | search s | pack s | chain s | "
-          "peak RSS MB | search vs torch reference | chain at 7B (linear) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "peak RSS MB | gptq share | search vs torch reference | chain at 7B (linear) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         total = r["stats_s"] + r["search_s"] + r["pack_s"]
         at_7b = total * SEVEN_B / r["params"]
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['tokens']} | {r['stats_s']:.1f} | "
-              f"{r['search_s']:.1f} | {r['pack_s']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['search_s']:.1f} | {r['pack_s']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | {100 * r['gptq_share']:.0f}% | "
               f"{r['reference_ratio']:.1f}x faster | {at_7b / 3600:.1f} h |")
     return 0
 
