@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 TEXT_BYTES = 80_000
 BUDGET_BITS = 10.0
 SAMPLES = 32  # x 128 tokens: the documented chain's --samples
-CANDIDATES = "k=0-8,lo=fp8_e4m3+int8,block=row+32+128,selection=magnitude+activation+saliency,method=rtn+gptq"
+CANDIDATES = "k=0-3,lo=fp8_e4m3+int8,block=row+32+128,selection=magnitude+activation+saliency,method=rtn+gptq"
 REFERENCE_TENSORS = 3  # tensors timed on the torch reference path for the ratio
 SEVEN_B = 7.0e9
 

@@ -144,22 +144,36 @@ class SearchResult:
 
 def _add_gptq_candidates(choices: Sequence[TensorChoice], weights: Mapping[str, torch.Tensor],
                          stats: Mapping[str, ChannelStats], space: CandidateSpace, max_rows: int,
-                         progress: ProgressFn) -> None:
+                         progress: ProgressFn, workers: int) -> None:
+    """gptq candidates for every tensor that has a Hessian. Tensors sharing one Hessian
+    (q/k/v, gate/up) form one job that factors it once; jobs run on ``workers`` threads
+    (each sweep is many small single-threaded torch ops, which release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..gptq import prepare_hessian
 
-    prepared: dict[int, object] = {}  # id(H) -> factored H: q/k/v (gate/up) share one
-    for i, choice in enumerate(choices):
+    groups: dict[int, list[TensorChoice]] = {}
+    for choice in choices:
         item = stats.get(choice.name)
         if item is not None and item.hessian is not None and gptq_configurations(choice, space):
-            key = id(item.hessian)
-            if key not in prepared:
-                prepared.clear()  # layers sharing an input come one after another
-                prepared[key] = prepare_hessian(item.hessian)
+            groups.setdefault(id(item.hessian), []).append(choice)
+
+    def job(group: list[TensorChoice]) -> int:
+        prepared = prepare_hessian(stats[group[0].name].hessian)
+        for choice in group:
             try:
-                evaluate_gptq(choice, weights[choice.name], item, space, max_rows=max_rows, prepared=prepared[key])
+                evaluate_gptq(choice, weights[choice.name], stats[choice.name], space, max_rows=max_rows,
+                              prepared=prepared)
             except UMQError as exc:
                 raise exc.located(tensor=choice.name)
-        progress("search gptq", i + 1, len(choices))
+        return len(group)
+
+    done = 0
+    total = sum(len(g) for g in groups.values())
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for finished in pool.map(job, groups.values()):
+            done += finished
+            progress("search gptq", done, total)
 
 
 def search_recipe(
@@ -219,8 +233,8 @@ def search_recipe(
     allocate()
     if Method.GPTQ in space.methods and stats is not None:
         # Error feedback around the rtn allocation, then allocate again with both.
-        with torch_threads(threads):  # many small ops per column: one thread (see above)
-            _add_gptq_candidates(choices, weights, stats, space, max_rows, progress)
+        with torch_threads(threads):  # many small ops per column: one torch thread (see above) per worker
+            _add_gptq_candidates(choices, weights, stats, space, max_rows, progress, workers=fused_threads)
         allocate()
     mode, target = ("budget", budget_bits) if budget_bits is not None else ("max-error", max_rel_error)
     explain(choices)
