@@ -49,9 +49,10 @@ _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 GEMV_MAX_ROWS = 16
 """Largest M served by the in-register GEMV; above, the tiled decode + GEMM."""
-PARALLEL_MIN_WORK = int(os.environ.get("UMQ_PARALLEL_MIN_WORK", 1 << 21))
+PARALLEL_MIN_WORK = int(os.environ.get("UMQ_PARALLEL_MIN_WORK", 1 << 18))
 """Fewest weights (times M / 4) a call needs before it runs on more than one thread: below, a
-fork/join (and, on a busy machine, waiting for a second core) costs more than it saves."""
+fork/join costs more than it saves. On a machine whose cores are busy with other processes
+every parallel region waits for a second core: raise it there (``UMQ_PARALLEL_MIN_WORK``)."""
 TILE_BYTES = 1 << 20
 """float32 bytes of one decoded weight tile on the prefill path (about an L2 cache)."""
 
