@@ -14,6 +14,7 @@ extrapolates the chain's time linearly in the number of quantized parameters to 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -112,7 +113,10 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(chain(argv[1], Path(tmp))))
         return 0
-    models = ["minilm"] if "--quick" in argv else ["minilm", "smollm2"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="all-MiniLM-L6-v2 only")
+    args = parser.parse_args(argv)
+    models = ["minilm"] if args.quick else ["minilm", "smollm2"]
     rows = []
     for name in models:
         done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
