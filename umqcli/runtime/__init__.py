@@ -293,8 +293,7 @@ class LinearLaunch:
         p = self.packed
         return (
             data is p.data and mask is p.mask and scale is p.scale and bias is self.bias and spec is p.spec
-            and self._versions == (data._version, mask._version, scale._version,
-                                   None if bias is None else bias._version)
+            and self._versions == self._versions_of(data, mask, scale, bias)
         )
 
     def run_raw(self, x: torch.Tensor, out: torch.Tensor, threads: int) -> None:

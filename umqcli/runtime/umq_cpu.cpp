@@ -458,9 +458,10 @@ int umq_cpu_features_impl() {
   return f;
 }
 
-// Fewest weights (times activation rows / 4) that get more than one thread; set by the
-// Python side (runtime.PARALLEL_MIN_WORK) when it loads the library.
-int64_t parallel_min_work = int64_t(1) << 21;
+// Fewest weights (times activation rows / 4) that get more than one thread. The Python
+// side sets it from runtime.PARALLEL_MIN_WORK when it loads the library; this default
+// (the same value) serves C callers such as benchmarks/gemv_harness.cpp.
+int64_t parallel_min_work = int64_t(1) << 18;
 
 int threads_for(int64_t work, int wanted) {
   // A parallel region needs every thread on a core at once, and a fork/join costs a few
