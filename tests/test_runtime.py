@@ -132,6 +132,31 @@ def test_e4m3_subnormal_codes_with_and_without_flush_denormal(isa, hi, flush_den
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrowing_matches_torch_on_every_bit_class(isa, dtype):
+    """The decode's last step, float32 -> float16 / bfloat16 (round to nearest even), on
+    random bit patterns (every exponent: zeros, denormals, ties, overflow, inf, NaN) and
+    a length that leaves a scalar tail: equal to torch's ``.to()`` bit for bit, NaN for NaN."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gen = torch.Generator().manual_seed(7)
+    bits = torch.randint(-(2**31), 2**31, (4099,), generator=gen, dtype=torch.int64).to(torch.int32)
+    bits[:64] = bits[:64] & ~0xFFFF | 0x8000  # halfway between two bfloat16 values: ties to even
+    bits[64:80] = torch.tensor([0, -(2**31), 0x7F800000, -0x800000, 0x7FC00000, 0x7F800001, 1, 0x477FF000,
+                                0x477FEFFF, 0x33000000, 0x33000001, 0x387FE000, 0x7F7FFFFF, 0x00800000,
+                                0x3F808000, 0x3F818000], dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    out = torch.empty(values.numel(), dtype=dtype)
+    lib = runtime._load()
+    kind = 1 if dtype == torch.float16 else 2
+    assert lib.umq_narrow(runtime._ISA_CODES[isa], values.data_ptr(), out.data_ptr(), values.numel(), kind) == 0
+    expected = values.to(dtype)
+    nan = torch.isnan(values)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_wide_rows_row_chunks_and_tiles(isa, monkeypatch):
     """Wide rows (4160 columns, 65 block scales), M in 4-row chunks with a remainder, and a
     prefill of several tiles."""

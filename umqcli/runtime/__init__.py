@@ -144,6 +144,8 @@ def _load() -> ctypes.CDLL | None:
         lib.umq_linear.argtypes = [i32, ptr, ptr, i32, i64, ptr, i32, i32]
         lib.umq_decode.restype = i64
         lib.umq_decode.argtypes = [i32, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32, i64, i64, i32, ptr, i64, i32]
+        lib.umq_narrow.restype = i32
+        lib.umq_narrow.argtypes = [i32, ptr, ptr, i64, i32]
         _LIB = lib
         return lib
 

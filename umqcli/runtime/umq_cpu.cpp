@@ -441,12 +441,29 @@ DecodeFn decode_avx2(const Packed& p) {
 }
 
 // float32 [n] -> float16 / bfloat16 [n], round to nearest even (as torch's .to()).
+// bfloat16: float_to_bf16's rule on 8 lanes (the upper 16 bits, rounded to nearest even;
+// a NaN keeps its sign and payload, made quiet).
+inline __m256i bf16_bits_avx2(__m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+  return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
 void narrow_avx2(const float* in, uint16_t* out, int64_t n, int kind) {
   int64_t i = 0;
   if (kind == OUT_F16) {
     for (; i + 8 <= n; i += 8)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
                        _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    for (; i + 16 <= n; i += 16) {  // packus interleaves the 128-bit lanes; permute4x64 restores the order
+      const __m256i words = _mm256_packus_epi32(bf16_bits_avx2(_mm256_loadu_ps(in + i)),
+                                                bf16_bits_avx2(_mm256_loadu_ps(in + i + 8)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute4x64_epi64(words, 0xD8));
+    }
   }
   for (; i < n; ++i) out[i] = kind == OUT_F16 ? float_to_half(in[i]) : float_to_bf16(in[i]);
 }
@@ -478,6 +495,9 @@ int umq_cpu_features_impl() {
   }();
   return f;
 }
+
+// Whether this build and CPU run `isa`.
+bool isa_runs(int isa) { return isa == ISA_SCALAR || (isa == ISA_AVX2 && (umq_cpu_features_impl() & 1)); }
 
 // Fewest weights (times activation rows / 4) that get more than one thread. The Python
 // side sets it from runtime.PARALLEL_MIN_WORK when it loads the library; this default
@@ -593,6 +613,21 @@ int umq_linear(int isa, const UmqLayer* L, const void* x, int x_kind, int64_t M,
   wide.resize(size_t(M * p.cols));
   widen(static_cast<const uint16_t*>(x), wide.data(), M * p.cols, x_kind, isa);
   return gemv(isa, p, wide.data(), M, p.cols, ep, nthreads);
+}
+
+// float32 [n] -> float16 (kind 1) / bfloat16 (kind 2) [n], round to nearest even: the
+// conversion the decode ends with, exported so tests compare the paths on every bit class.
+// Returns 0, or -1 for a kind or ISA this build or CPU lacks.
+int umq_narrow(int isa, const float* in, uint16_t* out, int64_t n, int kind) {
+  if ((kind != OUT_F16 && kind != OUT_BF16) || !isa_runs(isa)) return -1;
+#ifdef UMQ_X86
+  if (isa != ISA_SCALAR) {
+    narrow_avx2(in, out, n, kind);
+    return 0;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = kind == OUT_F16 ? float_to_half(in[i]) : float_to_bf16(in[i]);
+  return 0;
 }
 
 // Decode rows [r0, r1) into out (row stride ldo elements): out_kind 0 float32, 1 float16,
