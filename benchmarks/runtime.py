@@ -131,13 +131,14 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
                     t_umq = time_ms(lambda: layer(x), repeat)
                     path = runtime.last_path()
                     t_umq_bf16 = time_ms(lambda: layer(x_bf16), repeat)
+                    path_bf16 = runtime.last_path()
                 wo_bytes, umq_bytes = r * c + 2 * r, layer.weight.nbytes
                 floor_wo, floor_umq = (1000 * b / bandwidth[n] for b in (wo_bytes, umq_bytes))
                 print(
                     f"{shape:>15} {lo:>8} {n:>3} | {t_fp32:8.3f} {t_bf16:8.3f} {t_wo:8.3f} {t_umq:8.3f} {t_umq_bf16:9.3f} | "
                     f"{t_fp32 / t_umq:6.2f}x {t_bf16 / t_umq:6.2f}x {t_wo / t_umq:5.2f}x | "
                     f"{floor_wo:6.3f} {floor_umq:7.3f} {t_wo / floor_umq:4.2f}x | "
-                    f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(wo_bytes)} {mib(umq_bytes)}  {path}"
+                    f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(wo_bytes)} {mib(umq_bytes)}  {path}, bf16x {path_bf16}"
                 )
 
 
@@ -258,8 +259,10 @@ def end_to_end(threads: int, new_tokens: int, repeat: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated MxCxR (tokens x in x out)")
-    parser.add_argument("--small-shapes", default=SMALL_SHAPES, help="comma-separated CxR at M = 1")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="comma-separated MxCxR (tokens x in x out); empty: skip the layer table")
+    parser.add_argument("--small-shapes", default=SMALL_SHAPES,
+                        help="comma-separated CxR at M = 1; empty: skip the small-layer table")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--e2e", action="store_true", help="generation with SmolLM2 instead of the layer table")
@@ -269,8 +272,10 @@ def main() -> None:
     if args.e2e:
         end_to_end(max(args.threads), args.new_tokens, args.e2e_repeat)
     else:
-        layer_table(args.shapes, args.threads, args.repeat)
-        small_layer_table(args.small_shapes, args.threads, args.repeat)
+        if args.shapes:
+            layer_table(args.shapes, args.threads, args.repeat)
+        if args.small_shapes:
+            small_layer_table(args.small_shapes, args.threads, args.repeat)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Decoded weights must be bit-exact with ``codec.dequantize(..., fused=False)``. P
 differ from the exact ``x · Ŵᵀ`` only by float32 rounding in some summation order:
 ``umqcli.testing.bounds.dot_error_bound`` (gamma_C * |x| · |Ŵ|ᵀ, Higham §3.1), a relative
 error of a few 1e-5 at the widths used here; a misplaced byte, a wrong scale or a lost hi
-value is orders of magnitude larger.
+value is orders of magnitude larger. The bfloat16 prefill path (bfloat16 tiles and GEMM) is
+held to ``bf16_linear_error_bound`` and to bit-equality with ``F.linear`` in bfloat16.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from umqcli import runtime
@@ -24,7 +26,7 @@ from umqcli.codec import PackedTensor, dequantize, quantize
 from umqcli.errors import UMQError
 from umqcli.format import QuantParams, TensorSpec
 from umqcli.nn import UMQLinear, weight_memory
-from umqcli.testing.bounds import dot_error_bound
+from umqcli.testing.bounds import bf16_linear_error_bound, dot_error_bound
 
 from checkpoints import minilm_dir
 
@@ -169,8 +171,10 @@ def test_wide_rows_row_chunks_and_tiles(isa, monkeypatch):
         assert_within_bound(runtime.matmul(x, packed, isa=isa), x, packed)
 
 
+@pytest.mark.parametrize("bf16_gemm", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_umqlinear_activation_dtypes(dtype):
+def test_umqlinear_activation_dtypes(dtype, bf16_gemm, monkeypatch):
+    monkeypatch.setenv("UMQ_RUNTIME_BF16_GEMM", bf16_gemm)
     packed = packed_weight(33, 96, seed=5, k=2, lo="fp8_e4m3")
     bias = torch.randn(33)
     fused = UMQLinear.from_packed(packed, bias)
@@ -181,6 +185,10 @@ def test_umqlinear_activation_dtypes(dtype):
         assert y.dtype == dtype and y.shape == (*shape[:-1], 33)
         if dtype == torch.float32:
             assert_within_bound(y.reshape(-1, 33) - bias, x.reshape(-1, 96), packed)
+        elif runtime.last_path().endswith("-bf16"):  # weights rounded to bfloat16 first
+            assert dtype == torch.bfloat16 and bf16_gemm == "1" and x.numel() > 16 * 96
+            err = (y.reshape(-1, 33).double() - (x.reshape(-1, 96).double() @ dequantize(packed).double().T + bias))
+            assert bool((err.abs() <= bf16_linear_error_bound(x.reshape(-1, 96), packed, bias)).all())
         else:  # both round the same float32 result once to 16 bits: at most one ulp apart
             torch.testing.assert_close(y, reference(x), rtol=2 ** -7 if dtype == torch.bfloat16 else 2**-10, atol=1e-6)
 
@@ -275,12 +283,14 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 @pytest.mark.parametrize("lo", LOS)
 @pytest.mark.parametrize("k", [0, 1, 3, 8])
-def test_layer_launch_reads_every_activation_dtype_and_fuses_the_bias(isa, lo, k):
+def test_layer_launch_reads_every_activation_dtype_and_fuses_the_bias(isa, lo, k, monkeypatch):
     """runtime.LinearLaunch: 16-bit activations read in place, bias added and the output
     rounded in the kernel. Its float32 sum is the GEMV's (same kernel, same order), so the
-    result is bit-exact with matmul(x as float32) + bias, rounded once to x's dtype."""
+    result is bit-exact with matmul(x as float32) + bias, rounded once to x's dtype (the
+    float32 prefill path too; the bfloat16 one has its own test)."""
     if isa not in _isas():
         pytest.skip(f"this CPU does not run the {isa} path")
+    monkeypatch.setenv("UMQ_RUNTIME_BF16_GEMM", "0")
     packed = packed_weight(37, 200, seed=k + 11, lo=lo, hi="bfloat16" if k % 2 else "float16", k=k,
                            block=40 if k == 3 else 0)
     gen = torch.Generator().manual_seed(k)
@@ -298,6 +308,60 @@ def test_layer_launch_reads_every_activation_dtype_and_fuses_the_bias(isa, lo, k
                     expected = expected + bias.float()
                 expected = expected.to(dtype).reshape(*shape[:-1], 37)
                 assert y.dtype == dtype and torch.equal(y, expected), (bias_dtype, dtype, shape)
+
+
+@pytest.mark.parametrize("lo", LOS)
+@pytest.mark.parametrize("k", [0, 1, 8])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+def test_bf16_prefill_path(lo, k, bias_dtype, monkeypatch):
+    """bfloat16 activations above GEMV_MAX_ROWS, bfloat16 GEMM forced on (the default where
+    it is native): the layer is F.linear(x, dequantize(packed).to(bfloat16), bias in
+    bfloat16), bit for bit. torch's bfloat16 GEMM sums each output over C in an order that
+    does not depend on how many output columns one call computes (checked here for oneDNN
+    with and without bfloat16 units and for torch's own GEMM), so tiles change nothing.
+    Also within bf16_linear_error_bound of the exact product: with the weights rounded to
+    bfloat16 (the GEMM alone: float32 summation plus the output's rounding) and without
+    (the path's whole error). 37 rows in 16-row tiles: a partial last tile."""
+    monkeypatch.setenv("UMQ_RUNTIME_BF16_GEMM", "1")
+    monkeypatch.setattr(runtime, "TILE_BYTES", 16 * 4 * 200)
+    packed = packed_weight(37, 200, seed=k + 21, lo=lo, hi="bfloat16" if k == 1 else "float16", k=k,
+                           block=40 if k == 8 else 0)
+    gen = torch.Generator().manual_seed(k)
+    bias = None if bias_dtype is None else (torch.randn(37, generator=gen) * 3).to(bias_dtype)
+    layer = UMQLinear.from_packed(packed, bias)
+    weight_bf16 = dequantize(packed, torch.float32, fused=False).to(torch.bfloat16)
+    bias_bf16 = None if bias is None else bias.to(torch.bfloat16)
+    for isa in _isas():
+        for shape in ((runtime.GEMV_MAX_ROWS + 1, 200), (512, 200), (2, 9, 200)):
+            x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+            y = runtime.LinearLaunch(packed, bias, isa=isa)(x)
+            assert runtime.last_path() == f"{isa}-tiled-bf16"
+            assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 37) and y.is_contiguous()
+            assert torch.equal(y, F.linear(x, weight_bf16, bias_bf16)), (isa, shape)
+            rows, y2 = x.reshape(-1, 200), y.reshape(-1, 37).double()
+            exact = rows.double() @ dequantize(packed).double().T + (0 if bias is None else bias.double())
+            exact_rounded = rows.double() @ weight_bf16.double().T + (0 if bias is None else bias_bf16.double())
+            assert bool(((y2 - exact_rounded).abs() <= bf16_linear_error_bound(rows, packed, bias,
+                                                                               weight_rounded=True)).all())
+            assert bool(((y2 - exact).abs() <= bf16_linear_error_bound(rows, packed, bias)).all())
+    assert torch.equal(layer(x), y)  # UMQLinear takes the same path by default here
+
+
+def test_prefill_dtype_follows_the_activations(monkeypatch):
+    """bfloat16 tiles only for bfloat16 activations on a native bfloat16 GEMM; float16 and
+    float32 activations always get float32 tiles (float16 has no native GEMM here)."""
+    monkeypatch.delenv("UMQ_RUNTIME_BF16_GEMM", raising=False)
+    if Path("/proc/cpuinfo").exists():
+        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+        assert runtime.bf16_gemm_is_native() == bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    for forced, expected in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("UMQ_RUNTIME_BF16_GEMM", forced)
+        assert runtime.prefill_dtype(torch.bfloat16) == expected
+        assert runtime.prefill_dtype(torch.float16) == runtime.prefill_dtype(torch.float32) == torch.float32
+    packed = packed_weight(24, 64, k=1)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    y = runtime.LinearLaunch(packed, None)(x)  # forced off: float32 tiles, one rounding at the end
+    assert runtime.last_path().endswith("-tiled") and torch.equal(y, runtime.matmul(x, packed).to(torch.bfloat16))
 
 
 def test_launch_state_is_rebuilt_when_the_weight_or_bias_changes():

@@ -8,8 +8,8 @@ compiler, flags and CPU, then loaded with ctypes. It never materialises the dens
 - :func:`matmul` ``x [M, C] -> [M, R]``: for ``M <= GEMV_MAX_ROWS`` every group (mask
   byte, ``8 + k`` payload bytes, scale) is decoded in registers and multiplied straight
   into the accumulators, up to 4 activation rows per decode; for larger ``M`` (prefill)
-  rows of the weight are decoded tile by tile into a cache-sized float32 buffer that a
-  torch GEMM multiplies (the decode is then amortised over ``M``).
+  rows of the weight are decoded tile by tile into a cache-sized buffer that a torch GEMM
+  multiplies (the decode is then amortised over ``M``).
 - :func:`decode`: the dense decode, bit-exact with :func:`umqcli.codec.dequantize`.
 
 Paths (``isa``): ``"avx2"`` (AVX2 + FMA + F16C: a ``vpshufb`` per group with a
@@ -18,7 +18,25 @@ the CPU runs is chosen at run time; ``UMQ_RUNTIME_ISA=avx2|scalar`` or the ``isa
 argument forces one, ``UMQ_RUNTIME=0`` turns the runtime off. Where no compiler works,
 :func:`available` is False, one :class:`RuntimeWarning` says why, and callers use the
 torch decode-then-matmul path. Threads: OpenMP (the runtime torch already loaded),
-``torch.get_num_threads()`` of them.
+``torch.get_num_threads()`` of them; the prefill path's GEMM is torch's, on the same threads.
+
+Prefill compute dtype (:func:`prefill_dtype`, the one place it is chosen): the tiles follow
+the activations. bfloat16 activations on a CPU whose bfloat16 GEMM is native (AVX512-BF16
+or AMX, :func:`bf16_gemm_is_native`) get bfloat16 tiles and torch's bfloat16 GEMM (float32
+accumulation inside oneDNN, the bias added before the one rounding of the output): the
+same computation as ``F.linear(x, dequantize(packed).to(torch.bfloat16), bias)``, bit for
+bit, at about its cost plus one decode. The price: each decoded weight is rounded to
+bfloat16 (relative error at most u = 2^-8, on top of the format's own error; bfloat16 hi
+values are exact), and so is a bias of another dtype. Against the exact ``x · Ŵᵀ + b``
+(``A = |x| · |Ŵ|ᵀ + |b|``) an output is off by at most
+``(1 + u) (u + gamma_{C+1} (1 + u)) A + u |x · Ŵᵀ + b|`` (``gamma_n = n 2^-24 / (1 - n 2^-24)``:
+the float32 sum; the last term: the output's one rounding to bfloat16, which every path with
+bfloat16 activations has), where the float32 tiles' bound is the last term plus
+``gamma_C A``: the bfloat16 path adds about ``2^-8 A`` (``umqcli.testing.bounds``). Every other
+case decodes float32 tiles and runs a float32 GEMM (exact float32 products, the activations
+widened exactly): float32 and float16 activations (torch's float16 GEMM has no native units
+without AVX512-FP16/AMX-FP16: 4x slower than float32 on Zen 4), and bfloat16 ones where the
+bfloat16 GEMM is not native (3x slower than float32 on AVX2).
 """
 
 from __future__ import annotations
@@ -53,8 +71,10 @@ PARALLEL_MIN_WORK = int(os.environ.get("UMQ_PARALLEL_MIN_WORK", 1 << 18))
 """Fewest weights (times M / 4) a call needs before it runs on more than one thread: below, a
 fork/join costs more than it saves. On a machine whose cores are busy with other processes
 every parallel region waits for a second core: raise it there (``UMQ_PARALLEL_MIN_WORK``)."""
-TILE_BYTES = 1 << 20
-"""float32 bytes of one decoded weight tile on the prefill path (about an L2 cache)."""
+TILE_BYTES = 1 << 22
+"""float32 bytes of one decoded weight tile on the prefill path (a bfloat16 tile holds the same
+rows in half the bytes). Fewer, larger tiles re-read the activations less often: 4 MiB beat 1
+MiB by 4-10% with float32 tiles at M = 32-512 and matched it with bfloat16 tiles (Zen 4)."""
 
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -182,9 +202,29 @@ def select_isa(isa: str | None = None) -> str:
 
 
 def last_path() -> str | None:
-    """``"<isa>-gemv"`` or ``"<isa>-tiled"`` of the latest :func:`matmul`, or the decode's
-    ``"<isa>-decode"`` (what tests check to know the fast path ran)."""
+    """``"<isa>-gemv"``, ``"<isa>-tiled"`` (float32 tiles) or ``"<isa>-tiled-bf16"`` of the
+    latest :func:`matmul` or layer call, or the decode's ``"<isa>-decode"`` (what tests check
+    to know which path ran)."""
     return _last_path
+
+
+def bf16_gemm_is_native() -> bool:
+    """Whether torch's bfloat16 GEMM runs on bfloat16 units here (AVX512-BF16 or AMX): as
+    fast as or faster than float32 where it does, 3x slower where it does not (AVX2).
+    ``UMQ_RUNTIME_BF16_GEMM=1`` / ``0`` overrides the answer (tests force both paths)."""
+    forced = os.environ.get("UMQ_RUNTIME_BF16_GEMM")
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, probe, lambda: False)()) for probe in ("_is_avx512_bf16_supported",
+                                                                          "_is_amx_tile_supported"))
+
+
+def prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the prefill path decodes weight tiles to and multiplies in, for activations
+    of ``x_dtype``: bfloat16 for bfloat16 activations where :func:`bf16_gemm_is_native`,
+    float32 otherwise (float16 GEMMs have no native units on the CPUs this targets)."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and bf16_gemm_is_native() else torch.float32
 
 
 def _problem(packed: PackedTensor) -> tuple:
@@ -217,19 +257,39 @@ def matmul(x: torch.Tensor, packed: PackedTensor, *, isa: str | None = None) -> 
         assert status == 0, "umq_gemv refused a checked problem"
         _last_path = f"{chosen}-gemv"
     else:
-        out_t = torch.empty(spec.rows, m, dtype=torch.float32)  # [R, M]: each tile fills a contiguous slice
-        tile_rows = max(8, min(spec.rows, TILE_BYTES // max(1, 4 * spec.columns)))
-        tile = torch.empty(tile_rows, spec.columns, dtype=torch.float32)
-        xt = rows.T
-        for r0 in range(0, spec.rows, tile_rows):
-            r1 = min(spec.rows, r0 + tile_rows)
-            bad = lib.umq_decode(_ISA_CODES[chosen], *problem, r0, r1, 0, tile.data_ptr(), spec.columns, threads)
-            _check_decode(bad, spec)
-            torch.mm(tile[: r1 - r0], xt, out=out_t[r0:r1])
-        out = out_t.T
-        _last_path = f"{chosen}-tiled"
+        out = _tiled(rows, packed, chosen, problem)
     del keep
     return out.reshape(*x.shape[:-1], spec.rows)
+
+
+def _tiled(rows: torch.Tensor, packed: PackedTensor, isa: str, problem: tuple,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The prefill path: ``rows`` ``[M, C]`` float32 or bfloat16, contiguous -> ``[M, R]`` in
+    that dtype (contiguous, as ``F.linear``'s), ``+ bias`` (same dtype) inside the GEMM when
+    given. Rows of ``Ŵ`` are decoded a tile at a time to float32 (bfloat16 tiles are rounded
+    from it by torch, round to nearest even: the C decode's own bfloat16 output narrows one
+    value at a time, about 5x slower than the float32 decode) and multiplied into their output
+    columns."""
+    global _last_path
+    lib, spec, dtype = _load(), packed.spec, rows.dtype
+    threads = torch.get_num_threads()
+    tile_rows = max(8, min(spec.rows, TILE_BYTES // max(1, 4 * spec.columns)))
+    decoded = torch.empty(tile_rows, spec.columns, dtype=torch.float32)
+    tile = decoded if dtype == torch.float32 else torch.empty(tile_rows, spec.columns, dtype=dtype)
+    out = torch.empty(rows.shape[0], spec.rows, dtype=dtype)
+    for r0 in range(0, spec.rows, tile_rows):
+        r1 = min(spec.rows, r0 + tile_rows)
+        bad = lib.umq_decode(_ISA_CODES[isa], *problem, r0, r1, 0, decoded.data_ptr(), spec.columns, threads)
+        _check_decode(bad, spec)
+        if tile is not decoded:
+            tile[: r1 - r0].copy_(decoded[: r1 - r0])
+        weights = tile[: r1 - r0].T
+        if bias is None:
+            torch.mm(rows, weights, out=out[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1], rows, weights, out=out[:, r0:r1])
+    _last_path = f"{isa}-tiled" if dtype == torch.float32 else f"{isa}-tiled-bf16"
+    return out
 
 
 class _Layer(ctypes.Structure):
@@ -254,7 +314,9 @@ class LinearLaunch:
     stale pointer is never used. A call ``launch(x)`` (``x`` float32/float16/bfloat16
     ``[..., C]``) returns ``[..., R]`` in ``x.dtype``: for ``M <= GEMV_MAX_ROWS`` one C call
     reads the activations in their dtype, accumulates in float32, adds the bias and
-    rounds once to the output dtype; larger M go through :func:`matmul`'s tiled path.
+    rounds once to the output dtype; larger M take the tiled prefill path in
+    :func:`prefill_dtype` (bfloat16 tiles and GEMM, bias inside it, for bfloat16 ``x`` where
+    that GEMM is native; else :func:`matmul`'s float32 tiles, then the bias, then one rounding).
     """
 
     __slots__ = ("packed", "bias", "isa", "_versions", "_layer", "_layer_address", "_isa_code", "_call", "_path")
@@ -314,6 +376,12 @@ class LinearLaunch:
             )
         kind = _OUT_CODES.get(x.dtype)
         m = x.numel() // spec.columns if spec.columns else 0
+        if m > GEMV_MAX_ROWS and spec.columns and prefill_dtype(x.dtype) == torch.bfloat16:
+            keep, problem = _problem(self.packed)
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            out = _tiled(x.reshape(-1, spec.columns).contiguous(), self.packed, self.isa, problem, bias)
+            del keep
+            return out.reshape(*x.shape[:-1], spec.rows)
         if kind is None or m > GEMV_MAX_ROWS or spec.columns == 0:
             rows = x.reshape(-1, spec.columns)
             out = matmul(rows, self.packed, isa=self.isa)
@@ -362,10 +430,12 @@ __all__ = [
     "ISAS",
     "LinearLaunch",
     "available",
+    "bf16_gemm_is_native",
     "cache_dir",
     "decode",
     "last_path",
     "matmul",
+    "prefill_dtype",
     "select_isa",
     "supported_isas",
 ]

@@ -30,6 +30,40 @@ def dot_error_bound(x: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
     return gamma(x.shape[-1]) * (x.double().abs() @ weight.abs().T)
 
 
+BF16_UNIT = 2.0**-8  # bfloat16 unit roundoff (8 significand bits, the leading one included)
+FLUSH = 2.0**-126  # the smallest normal float32: what one flushed subnormal (VDPBF16PS) can lose
+
+
+def bf16_linear_error_bound(
+    x: torch.Tensor, packed: PackedTensor, bias: torch.Tensor | None = None, *, weight_rounded: bool = False
+) -> torch.Tensor:
+    """The worst-case error of ``y = bf16(x · bf16(Ŵ)ᵀ + bf16(b))`` summed in float32 in any
+    order (the runtime's bfloat16 prefill path, ``F.linear`` in bfloat16) against the exact
+    ``x · Ŵᵀ + b`` (x bfloat16 ``[M, C]``; with ``weight_rounded``, against the exact
+    ``x · bf16(Ŵ)ᵀ + bf16(b)``, which isolates the GEMM).
+
+    With ``u = 2^-8``, ``A = |x| · |Ŵ|ᵀ + |b|``: rounding the weights and the bias to
+    bfloat16 moves the exact sum by at most ``u A`` (zero when ``weight_rounded``); the
+    products of bfloat16 values are exact in float32 and the C + 1 terms (bias included)
+    are summed with error at most ``gamma_{C+1} (1 + u) A`` (Higham §3.1); a subnormal
+    flushed to zero by the bfloat16 dot-product instruction loses less than 2^-126 each
+    time, at most C + 1 times. That is E; the output's one rounding to bfloat16 adds
+    ``u |y_float32| <= u (|x · Ŵᵀ + b| + E)``. Bound: ``(1 + u) E + u |x · Ŵᵀ + b|``.
+    """
+    weight = dequantize(packed, torch.float32)
+    if weight_rounded:
+        weight = weight.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+    x64, w64 = x.double(), weight.double()
+    b64 = torch.zeros(packed.spec.rows, dtype=torch.float64) if bias is None else bias.double()
+    magnitude = x64.abs() @ w64.abs().T + b64.abs()
+    exact = x64 @ w64.T + b64
+    n = x.shape[-1] + 1
+    rounding = 0.0 if weight_rounded else BF16_UNIT
+    summed = (rounding + gamma(n) * (1 + BF16_UNIT)) * magnitude + n * FLUSH
+    return (1 + BF16_UNIT) * summed + BF16_UNIT * exact.abs()
+
+
 def hi_positions(packed: PackedTensor) -> torch.Tensor:
     """bool ``[R, C]``: True where the mask marks a hi element."""
     bits = (packed.mask.to(torch.int64).unsqueeze(-1) >> torch.arange(GROUP)) & 1
