@@ -11,7 +11,8 @@ Layer table (default): for each ``M x C x R`` shape (tokens x in x out) and each
   ``UMQ bf16x`` column), weights kept packed;
 
 plus resident weight bytes and the ratios ``speed(UMQ) / speed(baseline)`` (> 1: UMQ is
-faster). Times: best of ``--repeat`` calls after a warm-up (the least disturbed run on a
+faster; ``bf16x/bf16``: UMQ with bfloat16 activations against bfloat16 ``F.linear``, like for
+like). Times: best of ``--repeat`` calls after a warm-up (the least disturbed run on a
 shared machine), milliseconds. A roofline: the machine's read bandwidth measured in the
 same run (a sum over 256 MiB, at each thread count) and, per row, the time int8 WO's and
 UMQ's weight bytes take at that speed ("floor"), and int8 WO's measured time over UMQ's
@@ -107,7 +108,7 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
     )
     header = (
         f"{'M x C x R':>15} {'lo':>8} {'thr':>3} | {'fp32':>8} {'bf16':>8} {'int8 WO':>8} {'UMQ':>8} {'UMQ bf16x':>9} | "
-        f"{'vs fp32':>7} {'vs bf16':>7} {'vs WO':>6} | {'WO flr':>6} {'UMQ flr':>7} {'ceil':>5} | "
+        f"{'vs fp32':>7} {'vs bf16':>7} {'vs WO':>6} {'bf16x/bf16':>10} | {'WO flr':>6} {'UMQ flr':>7} {'ceil':>5} | "
         f"{'MiB fp32':>8} {'bf16':>6} {'WO':>6} {'UMQ':>6}"
     )
     print(header)
@@ -136,7 +137,7 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
                 floor_wo, floor_umq = (1000 * b / bandwidth[n] for b in (wo_bytes, umq_bytes))
                 print(
                     f"{shape:>15} {lo:>8} {n:>3} | {t_fp32:8.3f} {t_bf16:8.3f} {t_wo:8.3f} {t_umq:8.3f} {t_umq_bf16:9.3f} | "
-                    f"{t_fp32 / t_umq:6.2f}x {t_bf16 / t_umq:6.2f}x {t_wo / t_umq:5.2f}x | "
+                    f"{t_fp32 / t_umq:6.2f}x {t_bf16 / t_umq:6.2f}x {t_wo / t_umq:5.2f}x {t_bf16 / t_umq_bf16:9.2f}x | "
                     f"{floor_wo:6.3f} {floor_umq:7.3f} {t_wo / floor_umq:4.2f}x | "
                     f"{mib(4 * r * c):>8} {mib(2 * r * c)} {mib(wo_bytes)} {mib(umq_bytes)}  {path}, bf16x {path_bf16}"
                 )

@@ -23,20 +23,20 @@ torch decode-then-matmul path. Threads: OpenMP (the runtime torch already loaded
 Prefill compute dtype (:func:`prefill_dtype`, the one place it is chosen): the tiles follow
 the activations. bfloat16 activations on a CPU whose bfloat16 GEMM is native (AVX512-BF16
 or AMX, :func:`bf16_gemm_is_native`) get bfloat16 tiles and torch's bfloat16 GEMM (float32
-accumulation inside oneDNN, the bias added before the one rounding of the output): the
-same computation as ``F.linear(x, dequantize(packed).to(torch.bfloat16), bias)``, bit for
-bit, at about its cost plus one decode. The price: each decoded weight is rounded to
-bfloat16 (relative error at most u = 2^-8, on top of the format's own error; bfloat16 hi
-values are exact), and so is a bias of another dtype. Against the exact ``x · Ŵᵀ + b``
-(``A = |x| · |Ŵ|ᵀ + |b|``) an output is off by at most
-``(1 + u) (u + gamma_{C+1} (1 + u)) A + u |x · Ŵᵀ + b|`` (``gamma_n = n 2^-24 / (1 - n 2^-24)``:
-the float32 sum; the last term: the output's one rounding to bfloat16, which every path with
-bfloat16 activations has), where the float32 tiles' bound is the last term plus
-``gamma_C A``: the bfloat16 path adds about ``2^-8 A`` (``umqcli.testing.bounds``). Every other
-case decodes float32 tiles and runs a float32 GEMM (exact float32 products, the activations
-widened exactly): float32 and float16 activations (torch's float16 GEMM has no native units
-without AVX512-FP16/AMX-FP16: 4x slower than float32 on Zen 4), and bfloat16 ones where the
-bfloat16 GEMM is not native (3x slower than float32 on AVX2).
+accumulation inside oneDNN, the bias added before the output's one rounding): bit for bit
+``F.linear(x, dequantize(packed).to(torch.bfloat16), bias)``, at about its cost plus one
+decode. The price: each decoded weight is rounded to bfloat16 (relative error at most
+u = 2^-8, on top of the format's own; bfloat16 hi values are exact), and so is a bias of
+another dtype. With ``A = |x| · |Ŵ|ᵀ + |b|`` an output is within
+``(1 + u) (u + gamma_{C+1} (1 + u)) A + u |x · Ŵᵀ + b|`` of the exact ``x · Ŵᵀ + b``
+(``gamma_n = n 2^-24 / (1 - n 2^-24)``, the float32 sum; the last term is the output's
+rounding to bfloat16, which every path with bfloat16 activations has; plus 2^-126 per
+subnormal the bfloat16 dot product flushes): about ``2^-8 A``
+more than with float32 tiles (:func:`umqcli.testing.bounds.bf16_linear_error_bound`).
+Every other case decodes float32 tiles and runs a float32 GEMM (exact float32 products,
+the activations widened exactly): float32 and float16 activations (torch's float16 GEMM
+has no native units without AVX512-FP16: 4x slower than float32 on Zen 4), and bfloat16
+ones where the bfloat16 GEMM is not native (3x slower than float32 on AVX2).
 """
 
 from __future__ import annotations
