@@ -317,8 +317,10 @@ def test_bf16_prefill_path(lo, k, bias_dtype, monkeypatch):
     """bfloat16 activations above GEMV_MAX_ROWS, bfloat16 GEMM forced on (the default where
     it is native): the layer is F.linear(x, dequantize(packed).to(bfloat16), bias in
     bfloat16), bit for bit. torch's bfloat16 GEMM sums each output over C in an order that
-    does not depend on how many output columns one call computes (checked here for oneDNN
-    with and without bfloat16 units and for torch's own GEMM), so tiles change nothing.
+    does not depend on how many output columns one call computes, so tiles change nothing:
+    here for oneDNN (this CPU's bfloat16 units where it has them) and for torch's own GEMM
+    (mkldnn off: what a CPU without AVX-512 runs; found the same with oneDNN limited to
+    AVX512_CORE or AVX2, ONEDNN_MAX_CPU_ISA).
     Also within bf16_linear_error_bound of the exact product: with the weights rounded to
     bfloat16 (the GEMM alone: float32 summation plus the output's rounding) and without
     (the path's whole error). 37 rows in 16-row tiles: a partial last tile."""
@@ -338,6 +340,11 @@ def test_bf16_prefill_path(lo, k, bias_dtype, monkeypatch):
             assert runtime.last_path() == f"{isa}-tiled-bf16"
             assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 37) and y.is_contiguous()
             assert torch.equal(y, F.linear(x, weight_bf16, bias_bf16)), (isa, shape)
+            mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # (flags() warns)
+            try:
+                assert torch.equal(runtime.LinearLaunch(packed, bias, isa=isa)(x), F.linear(x, weight_bf16, bias_bf16))
+            finally:
+                torch.backends.mkldnn.enabled = mkldnn
             rows, y2 = x.reshape(-1, 200), y.reshape(-1, 37).double()
             exact = rows.double() @ dequantize(packed).double().T + (0 if bias is None else bias.double())
             exact_rounded = rows.double() @ weight_bf16.double().T + (0 if bias is None else bias_bf16.double())
