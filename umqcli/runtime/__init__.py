@@ -314,9 +314,10 @@ class LinearLaunch:
     stale pointer is never used. A call ``launch(x)`` (``x`` float32/float16/bfloat16
     ``[..., C]``) returns ``[..., R]`` in ``x.dtype``: for ``M <= GEMV_MAX_ROWS`` one C call
     reads the activations in their dtype, accumulates in float32, adds the bias and
-    rounds once to the output dtype; larger M take the tiled prefill path in
-    :func:`prefill_dtype` (bfloat16 tiles and GEMM, bias inside it, for bfloat16 ``x`` where
-    that GEMM is native; else :func:`matmul`'s float32 tiles, then the bias, then one rounding).
+    rounds once to the output dtype. Larger M take the tiled prefill path in the dtype
+    :func:`prefill_dtype` picks: bfloat16 tiles and GEMM with the bias inside it (bfloat16
+    ``x`` where that GEMM is native), else :func:`matmul`'s float32 tiles, then the bias,
+    then one rounding to ``x.dtype``.
     """
 
     __slots__ = ("packed", "bias", "isa", "_versions", "_layer", "_layer_address", "_isa_code", "_call", "_path")
