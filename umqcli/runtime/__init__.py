@@ -266,23 +266,20 @@ def _tiled(rows: torch.Tensor, packed: PackedTensor, isa: str, problem: tuple,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """The prefill path: ``rows`` ``[M, C]`` float32 or bfloat16, contiguous -> ``[M, R]`` in
     that dtype (contiguous, as ``F.linear``'s), ``+ bias`` (same dtype) inside the GEMM when
-    given. Rows of ``Ŵ`` are decoded a tile at a time to float32 (bfloat16 tiles are rounded
-    from it by torch, round to nearest even: the C decode's own bfloat16 output narrows one
-    value at a time, about 5x slower than the float32 decode) and multiplied into their output
-    columns."""
+    given. Rows of ``Ŵ`` are decoded a tile at a time straight to that dtype (bfloat16: the
+    float32 decode rounded to nearest even, as ``.to(torch.bfloat16)``) and multiplied into
+    their output columns."""
     global _last_path
     lib, spec, dtype = _load(), packed.spec, rows.dtype
     threads = torch.get_num_threads()
     tile_rows = max(8, min(spec.rows, TILE_BYTES // max(1, 4 * spec.columns)))
-    decoded = torch.empty(tile_rows, spec.columns, dtype=torch.float32)
-    tile = decoded if dtype == torch.float32 else torch.empty(tile_rows, spec.columns, dtype=dtype)
+    tile = torch.empty(tile_rows, spec.columns, dtype=dtype)
     out = torch.empty(rows.shape[0], spec.rows, dtype=dtype)
     for r0 in range(0, spec.rows, tile_rows):
         r1 = min(spec.rows, r0 + tile_rows)
-        bad = lib.umq_decode(_ISA_CODES[isa], *problem, r0, r1, 0, decoded.data_ptr(), spec.columns, threads)
+        bad = lib.umq_decode(_ISA_CODES[isa], *problem, r0, r1, _OUT_CODES[dtype], tile.data_ptr(), spec.columns,
+                             threads)
         _check_decode(bad, spec)
-        if tile is not decoded:
-            tile[: r1 - r0].copy_(decoded[: r1 - r0])
         weights = tile[: r1 - r0].T
         if bias is None:
             torch.mm(rows, weights, out=out[:, r0:r1])
