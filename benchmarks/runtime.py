@@ -1,7 +1,9 @@
 """The fused CPU runtime (``umqcli.runtime``) against dense and int8 weight-only linears.
 
 Layer table (default): for each ``M x C x R`` shape (tokens x in x out) and each lo format
-(k = 1, one scale per row), times in one run, at 1 and at 2 threads:
+(k = 1, one scale per row), times in one run, at 1 and at 2 threads, on random weights of
+``--weights`` dtype (float32: packed with float16 hi values; bfloat16, as LLM checkpoints
+ship: bfloat16 hi values; every baseline multiplies the same values):
 
 - ``fp32``: ``F.linear`` float32 (x float32, W float32);
 - ``bf16``: ``F.linear`` bfloat16 (x, W bfloat16);
@@ -93,10 +95,12 @@ def read_bandwidth(threads: int, repeat: int = 5) -> float:
     return big.numel() * 4 / (time_ms(lambda: big.sum(), repeat) / 1000)
 
 
-def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
+def layer_table(shapes: str, threads: list[int], repeat: int, source: torch.dtype = torch.float32) -> None:
     torch.manual_seed(0)
+    hi = "bfloat16" if source == torch.bfloat16 else "float16"
     print(
-        f"torch {torch.__version__}, runtime path {runtime.select_isa()}, k=1, one scale per row, best of {repeat}, "
+        f"torch {torch.__version__}, runtime path {runtime.select_isa()}, k=1, one scale per row, {source} source "
+        f"weights (hi {hi}), best of {repeat}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     bandwidth = {n: read_bandwidth(n) for n in threads}
@@ -118,11 +122,12 @@ def layer_table(shapes: str, threads: list[int], repeat: int) -> None:
         m, c, r = (int(v) for v in shape.lower().split("x"))
         weight = torch.randn(r, c) * 0.02
         weight[:, ::37] *= 10.0  # a few outlier input channels, as in real weights
+        weight = weight.to(source).float()  # every baseline multiplies the same values
         x = torch.randn(m, c)
         x_bf16, w_bf16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         q, q_scale = int8_weight_only(weight)
         for lo in ("int8", "fp8_e4m3"):
-            layer = UMQLinear.from_packed(quantize(weight, QuantParams(k=1, lo=lo)))
+            layer = UMQLinear.from_packed(quantize(weight.to(source), QuantParams(k=1, lo=lo)))
             for n in threads:
                 torch.set_num_threads(n)
                 with torch.inference_mode():
@@ -265,6 +270,9 @@ def main() -> None:
     parser.add_argument("--small-shapes", default=SMALL_SHAPES,
                         help="comma-separated CxR at M = 1; empty: skip the small-layer table")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--weights", choices=("float32", "bfloat16"), default="float32",
+                        help="source dtype of the layer table's weights: float32 packs float16 hi values, "
+                        "bfloat16 (as LLM checkpoints) bfloat16 hi values (a faster decode)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--e2e", action="store_true", help="generation with SmolLM2 instead of the layer table")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -274,7 +282,7 @@ def main() -> None:
         end_to_end(max(args.threads), args.new_tokens, args.e2e_repeat)
     else:
         if args.shapes:
-            layer_table(args.shapes, args.threads, args.repeat)
+            layer_table(args.shapes, args.threads, args.repeat, getattr(torch, args.weights))
         if args.small_shapes:
             small_layer_table(args.small_shapes, args.threads, args.repeat)
 
