@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# The CLI's consoles are made when umqcli.cli is first imported: a COLUMNS inherited from
+# the shell (or set by a CI runner) would reflow the tables the CLI tests read (tensor
+# names, headers). Without it, captured output gets the CLI's fixed piped width.
+os.environ.pop("COLUMNS", None)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # UMQ_VECTORS_DIR lets a checkout that is not laid out like CI point at the vectors.
 VECTORS_DIR = Path(os.environ.get("UMQ_VECTORS_DIR", REPO_ROOT.parent / "shared" / "vectors"))
