@@ -5,12 +5,15 @@
 //
 // Paths (chosen at run time by the caller, each forceable):
 //   ISA_SCALAR: portable C++, per-element tables; the reference twin of the SIMD path.
-//   ISA_AVX2:   AVX2 + FMA + F16C. One group of 8 weights is one 16-byte load; a
-//               `vpshufb` with a per-mask-byte table (256 entries) gathers the lo codes
-//               (then `vpmovsxbd` for int8, a float16 pattern for fp8), another one the hi
-//               16-bit patterns, so a group decodes in ~6 instructions with no branch on
-//               the mask. e4m3 codes become float32 bit fields directly (no float16 step)
-//               unless the thread flushes denormals.
+//   ISA_AVX2:   AVX2 + FMA + F16C. One group of 8 weights is one 16-byte load; one
+//               `vpshufb` with a per-mask-byte table (256 entries) puts each lo code in
+//               the top byte of its 32-bit lane and each hi pattern in the low half of
+//               its lane (int8 and e4m3 lo and bfloat16 hi are then a shift away; e5m2 and
+//               float16 take a float16 conversion after a second, 128-bit shuffle), so a
+//               group decodes in ~6 instructions with no branch on the mask. e4m3 codes
+//               become float32 bit fields directly unless the thread flushes denormals.
+//   An AVX-512 VBMI2 (`vpexpandb`) variant was built and measured slower on Zen 4
+//   (docs/runtime.md), so there is none.
 // Every decoded weight equals codec.dequantize's float32 value: lo = decode(q) * scale as
 // one float32 product, hi exact. Only the summation order of the matmul differs.
 
