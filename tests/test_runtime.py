@@ -101,25 +101,33 @@ def test_matmul_and_decode_match_the_reference(isa, lo, hi, k, block):
         assert_within_bound(y, x, packed)
 
 
+# Per fp8 format: the largest lo value (the row's scale is then 1), a subnormal of code 0x03
+# (0.11 in binary times the smallest normal exponent), a hi value above the lo maximum.
+FP8_SUBNORMAL_CASES = {"fp8_e4m3": (448.0, 3 * 2.0**-9, 1000.0), "fp8_e5m2": (57344.0, 3 * 2.0**-16, 60000.0)}
+
+
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("lo", sorted(FP8_SUBNORMAL_CASES))
 @pytest.mark.parametrize("hi", ["float16", "bfloat16"])
 @pytest.mark.parametrize("flush_denormal", [False, True])
-def test_e4m3_subnormal_codes_with_and_without_flush_denormal(isa, hi, flush_denormal):
-    """The AVX2 path reads e4m3 codes as float32 bits, value * 2^-120, so subnormal codes
-    pass through float32 denormals. Where the thread treats denormals as zero
-    (``torch.set_flush_denormal(True)``) it must take the float16 route instead: here
-    every lo weight of the product is a subnormal code, so reading them as 0 would lose
-    the whole result."""
+def test_fp8_subnormal_codes_with_and_without_flush_denormal(isa, lo, hi, flush_denormal):
+    """The AVX2 path reads fp8 codes as float32 bits (value * 2^-120 for e4m3, 2^-112 for
+    e5m2), so subnormal codes pass through float32 denormals. Where the thread treats
+    denormals as zero (``torch.set_flush_denormal(True)``) it must take the float16 route
+    instead: here every lo weight of the product is a subnormal code, so reading them as
+    0 would lose the whole result."""
     if isa not in _isas():
         pytest.skip(f"this CPU does not run the {isa} path")
+    largest, tiny, outlier = FP8_SUBNORMAL_CASES[lo]
     rows, cols = 19, 8 * 33
-    w = torch.full((rows, cols), 2.0**-9 * 3)  # scale 1 (below): code 0x03, a subnormal (3 * 2^-9)
+    w = torch.full((rows, cols), tiny)
     w[:, 1::8] *= -1.0
-    w[:, ::8] = 1000.0  # the hi slots (k = 1, by magnitude): position 0 of every group
-    w[:, 1] = 448.0  # the largest lo value: the row's scale is 1
-    packed = quantize(w, QuantParams(k=1, lo="fp8_e4m3", hi=hi), fused=False)
+    w[:, ::8] = outlier  # the hi slots (k = 1, by magnitude): position 0 of every group
+    w[:, 1] = largest  # the largest lo value: the row's scale is 1
+    packed = quantize(w, QuantParams(k=1, lo=lo, hi=hi), fused=False)
+    assert bool((packed.scale == 1.0).all())
     codes = packed.data.view(rows, -1, 9)[:, 1:, 2:]  # lo codes after each group's hi bytes, group 0 aside
-    assert bool(((codes & 0x7F) == 0x03).all())  # every one the subnormal 3 * 2^-9
+    assert bool(((codes & 0x7F) == 0x03).all())  # every one the subnormal `tiny`
     x = torch.randn(3, cols, generator=torch.Generator().manual_seed(0))
     x[:, ::8] = 0.0  # the product is the subnormal codes' alone
     x[:, 1] = 0.0
@@ -130,7 +138,7 @@ def test_e4m3_subnormal_codes_with_and_without_flush_denormal(isa, hi, flush_den
     finally:
         torch.set_flush_denormal(False)
     assert_within_bound(y, x, packed)
-    assert float(y.abs().max()) > 0.01  # not all lost (|y| ~ 6 * 2^-9 * sqrt(8 * 32))
+    assert float(y.abs().max()) > 4 * tiny  # not all lost (|y| ~ tiny * sqrt(224) per row)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])

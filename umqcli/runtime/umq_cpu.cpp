@@ -8,10 +8,10 @@
 //   ISA_AVX2:   AVX2 + FMA + F16C. One group of 8 weights is one 16-byte load; one
 //               `vpshufb` with a per-mask-byte table (256 entries) puts each lo code in
 //               the top byte of its 32-bit lane and each hi pattern in the low half of
-//               its lane (int8 and e4m3 lo and bfloat16 hi are then a shift away; e5m2 and
-//               float16 take a float16 conversion after a second, 128-bit shuffle), so a
-//               group decodes in ~6 instructions with no branch on the mask. e4m3 codes
-//               become float32 bit fields directly unless the thread flushes denormals.
+//               its lane (int8 and fp8 lo and bfloat16 hi are then a shift or two away;
+//               float16 hi takes a conversion after a second, 128-bit shuffle), so a
+//               group decodes in ~6 instructions with no branch on the mask. The matmul
+//               reads fp8 codes as float32 bit fields unless the thread flushes denormals.
 //   An AVX-512 VBMI2 (`vpexpandb`) variant was built and measured slower on Zen 4
 //   (docs/runtime.md), so there is none.
 // Every decoded weight equals codec.dequantize's float32 value: lo = decode(q) * scale as
@@ -230,24 +230,28 @@ void gemv_rows_scalar(const Packed& p, const float* x, int64_t M, int64_t ldx, c
 // bytes. `sv` is the block scale times the lo path's fold factor. EXACT: hi and lo lanes
 // are blended (keeps the sign of zeros, for decode); otherwise lo*s + hi with hi = +0 in
 // lo lanes and lo = 0 in hi lanes (one fma, equal values, used by the matmul).
-// E4M3_BITS (e4m3 lo only): the code goes from the top byte of its lane straight into a
-// float32's sign, exponent and mantissa fields, value * 2^-120 (subnormal codes become
-// float32 denormals), which spares the float16 conversion and, with bfloat16 hi, the
-// second shuffle; `sv` then carries 2^120. Only where denormals are not treated as zero
-// (see denormals_are_zero).
-template <int LO, int HI, bool HAS_HI, bool EXACT, bool E4M3_BITS = false>
+// FP8_BITS (fp8 lo only): the code goes from the top byte of its lane straight into a
+// float32's sign, exponent and mantissa fields, value * 2^-120 (e4m3) or 2^-112 (e5m2)
+// (subnormal codes become float32 denormals; e5m2's inf and NaN codes, which FORMAT §7
+// refuses, become finite), which spares the float16 conversion and, with bfloat16 hi, the
+// second shuffle; `sv` then carries the power of two back. Only where denormals are not
+// treated as zero (see denormals_are_zero).
+template <int LO, int HI, bool HAS_HI, bool EXACT, bool FP8_BITS = false>
 inline __m256 group_avx2(const uint8_t* src, unsigned m, __m256 sv) {
   // The group in both 128-bit lanes: vbroadcasti128 from memory costs no shuffle.
   const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   const __m128i raw = _mm256_castsi256_si128(both);
   __m256 lo;
   __m256i placed;  // int8 lo: Tables::lo_hi32's shuffle (its low halves hold bfloat16 hi patterns)
-  if (LO == LO_INT8 || E4M3_BITS) {
+  if (LO == LO_INT8 || FP8_BITS) {
     placed = _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.lo_hi32[m])));
     if (LO == LO_INT8) {
       lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(placed, 24));
-    } else {  // s eeee mmm from bits 31..24 to 31, 26..23, 22..20; hi lanes' low halves drop out
-      const __m256i fields = _mm256_and_si256(_mm256_srai_epi32(placed, 4), _mm256_set1_epi32(int32_t(0x87F00000u)));
+    } else {  // e4m3 s eeee mmm from bits 31..24 to 31, 26..23, 22..20 (e5m2 s eeeee mm to
+              // 31, 27..23, 22..21); the AND clears the smeared sign and hi lanes' low halves
+      const __m256i fields = LO == LO_E4M3
+          ? _mm256_and_si256(_mm256_srai_epi32(placed, 4), _mm256_set1_epi32(int32_t(0x87F00000u)))
+          : _mm256_and_si256(_mm256_srai_epi32(placed, 3), _mm256_set1_epi32(int32_t(0x8FE00000u)));
       lo = _mm256_castsi256_ps(fields);
     }
   } else {
@@ -258,7 +262,7 @@ inline __m256 group_avx2(const uint8_t* src, unsigned m, __m256 sv) {
   if (!HAS_HI) return _mm256_mul_ps(lo, sv);
   __m256 hv;
   if (HI == HI_BF16) {
-    if (LO != LO_INT8 && !E4M3_BITS)
+    if (LO != LO_INT8 && !FP8_BITS)
       placed = _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(T.lo_hi32[m])));
     hv = _mm256_castsi256_ps(_mm256_slli_epi32(placed, 16));  // lo codes shift out: +0 in lo lanes
   } else {
@@ -277,9 +281,9 @@ inline __m256 group_avx2(const uint8_t* src, unsigned m, __m256 sv) {
 constexpr int64_t PREFETCH_BYTES = 2048;
 
 // What the lo path's decoded code is multiplied by, besides the scale: e4m3 through float16
-// is value * 2^-8, through float32 bits value * 2^-120.
-constexpr float lo_fold(int lo, bool e4m3_bits = false) {
-  return lo != LO_E4M3 ? 1.0f : e4m3_bits ? 0x1p120f : 256.0f;
+// is value * 2^-8, through float32 bits value * 2^-120 (e5m2: exact, and value * 2^-112).
+constexpr float lo_fold(int lo, bool fp8_bits = false) {
+  return lo == LO_INT8 ? 1.0f : lo == LO_E4M3 ? (fp8_bits ? 0x1p120f : 256.0f) : (fp8_bits ? 0x1p112f : 1.0f);
 }
 
 // The MXCSR's denormals-are-zero flag of the calling thread (torch.set_flush_denormal
@@ -310,11 +314,11 @@ inline RowCursor cursor(const Packed& p, int64_t r) {
 }
 
 // y[m, r] = sum_c x[m, c] * W[r, c] for MB activation rows and weight rows [r0, r1),
-// weights decoded in registers. e4m3 lo takes the float32-bit route unless this thread
+// weights decoded in registers. fp8 lo takes the float32-bit route unless this thread
 // treats denormals as zero (checked here: each OpenMP thread has its own MXCSR).
-template <int LO, int HI, bool HAS_HI, int MB, bool E4M3_BITS = (LO == LO_E4M3)>
+template <int LO, int HI, bool HAS_HI, int MB, bool FP8_BITS = (LO != LO_INT8)>
 void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, const Epilogue& ep, int64_t r0, int64_t r1) {
-  if (E4M3_BITS && denormals_are_zero()) return gemv_rows_avx2<LO, HI, HAS_HI, MB, false>(p, x, ldx, ep, r0, r1);
+  if (FP8_BITS && denormals_are_zero()) return gemv_rows_avx2<LO, HI, HAS_HI, MB, false>(p, x, ldx, ep, r0, r1);
   const int64_t groups_per_block = p.block / 8;
   for (int64_t r = r0; r < r1; ++r) {
     RowCursor rc = cursor(p, r);
@@ -329,9 +333,9 @@ void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, const Epilogue
       for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
     for (int64_t b = 0; b < p.blocks(); ++b) {
       const float s = sc[b];
-      const float folded = s * lo_fold(LO, E4M3_BITS);
+      const float folded = s * lo_fold(LO, FP8_BITS);
       const int64_t g0 = b * groups_per_block, g1 = g0 + groups_per_block;
-      if (!std::isfinite(folded)) {  // e4m3 scale too large to fold: exact scalar rule for this block
+      if (!std::isfinite(folded)) {  // fp8 scale too large to fold: exact scalar rule for this block
         alignas(32) float w[8];
         for (int64_t g = g0; g < g1; ++g) {
           group_scalar(rc.d + g * rc.gb, mk[g], int(rc.gb), LO, HI, s, w);
@@ -351,14 +355,14 @@ void gemv_rows_avx2(const Packed& p, const float* x, int64_t ldx, const Epilogue
         _mm_prefetch(reinterpret_cast<const char*>(d + g * gb + PREFETCH_BYTES), _MM_HINT_T0);
         #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
-          const __m256 w = group_avx2<LO, HI, HAS_HI, false, E4M3_BITS>(d + (g + u) * gb, mk[g + u], sv);
+          const __m256 w = group_avx2<LO, HI, HAS_HI, false, FP8_BITS>(d + (g + u) * gb, mk[g + u], sv);
           #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m)
             acc[m][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + (g + u) * 8), acc[m][u]);
         }
       }
       for (; g < g1; ++g) {  // an odd group, and the last groups of the buffer (copied)
-        const __m256 w0 = group_avx2<LO, HI, HAS_HI, false, E4M3_BITS>(rc.at(g), mk[g], sv);
+        const __m256 w0 = group_avx2<LO, HI, HAS_HI, false, FP8_BITS>(rc.at(g), mk[g], sv);
         #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m)
           acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + g * 8), acc[m][0]);
