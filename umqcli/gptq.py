@@ -266,6 +266,14 @@ class _Parts:
     scale: torch.Tensor
     lo_bytes: torch.Tensor
 
+    def row_energy(self, weight32: torch.Tensor, hi_values: torch.Tensor, lo_bytes: torch.Tensor,
+                   hessian: PreparedHessian) -> torch.Tensor:
+        """Each row's ``e^T H e`` (float64 ``[R]``), ``e`` the weight minus its decode
+        with these parts and ``lo_bytes``."""
+        block = self.params.resolve_block(weight32.shape[1])
+        decoded = _decoded(lo_bytes, self.scale, block, self.params.lo, self.mask, hi_values)
+        return _row_energy(weight32 - decoded, hessian.hessian)
+
 
 def _rounded_parts(weight: torch.Tensor, params: QuantParams, hessian: PreparedHessian | None,
                    act_sq: torch.Tensor | None) -> _Parts:
@@ -300,10 +308,8 @@ def _error_feedback(weight: torch.Tensor, parts: list[_Parts],
             part = parts[i]
             swept_bytes = quantize_lo(swept_from[n * rows:(n + 1) * rows], part.scale, block, lo)
             # The guard: per row, keep the sweep only where it lowers e^T H e.
-            rtn_energy = _row_energy(weight32 - _decoded(part.lo_bytes, part.scale, block, lo, part.mask, hi_value),
-                                     hessian.hessian)
-            swept_energy = _row_energy(weight32 - _decoded(swept_bytes, part.scale, block, lo, part.mask, hi_value),
-                                       hessian.hessian)
+            rtn_energy = part.row_energy(weight32, hi_value, part.lo_bytes, hessian)
+            swept_energy = part.row_energy(weight32, hi_value, swept_bytes, hessian)
             better = swept_energy < rtn_energy
             out[i] = (torch.where(better.unsqueeze(1), swept_bytes, part.lo_bytes),
                       torch.where(better, swept_energy, rtn_energy))
@@ -360,10 +366,8 @@ def gptq_error_energies(
             if i in results:
                 energies.append(float(results[i][1].sum()))
             else:
-                block = part.params.resolve_block(weight.shape[1])
                 hi_values = weight.to(part.hi.torch_dtype).float()
-                error = weight32 - _decoded(part.lo_bytes, part.scale, block, part.params.lo, part.mask, hi_values)
-                energies.append(float(_row_energy(error, hessian.hessian).sum()))
+                energies.append(float(part.row_energy(weight32, hi_values, part.lo_bytes, hessian).sum()))
     return energies
 
 
