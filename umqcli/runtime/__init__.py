@@ -80,6 +80,18 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _FAILURE: str | None = None
 _last_path: str | None = None
+_SCRATCH = threading.local()  # per thread: the prefill's tile buffer, reused across calls
+
+
+def _scratch_tile(rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[rows, columns]`` tile buffer of this thread, reused while large enough: a fresh
+    multi-MiB buffer per call is page-faulted in anew whenever the allocator has handed
+    the memory back to the system."""
+    buffers = _SCRATCH.__dict__.setdefault("tiles", {})
+    held = buffers.get(dtype)
+    if held is None or held.numel() < rows * columns:
+        held = buffers[dtype] = torch.empty(rows * columns, dtype=dtype)
+    return held[: rows * columns].view(rows, columns)
 
 
 def cache_dir() -> Path:
@@ -273,7 +285,7 @@ def _tiled(rows: torch.Tensor, packed: PackedTensor, isa: str, problem: tuple,
     lib, spec, dtype = _load(), packed.spec, rows.dtype
     threads = torch.get_num_threads()
     tile_rows = max(8, min(spec.rows, TILE_BYTES // max(1, 4 * spec.columns)))
-    tile = torch.empty(tile_rows, spec.columns, dtype=dtype)
+    tile = _scratch_tile(tile_rows, spec.columns, dtype)
     out = torch.empty(rows.shape[0], spec.rows, dtype=dtype)
     for r0 in range(0, spec.rows, tile_rows):
         r1 = min(spec.rows, r0 + tile_rows)
